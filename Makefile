@@ -1,0 +1,32 @@
+# Two commands do all set-up on a fresh machine (Python 3.10+ with pip, no root needed):
+#   make quickstart   install into .venv, then train the quickstart VAE on the embedded dataset
+#   make test         install into .venv (with the test extras), then run the test suite
+VENV   ?= .venv
+PYTHON ?= python3
+# torch goes in first, on its own: a bare `torch` requirement would pull a multi-GB CUDA build
+# onto a machine without a GPU. Where the CPU wheel of 2.13.0 lies on disk, pip takes it; on a
+# GPU machine, set TORCH to the build you want (e.g. TORCH="torch==2.13.0").
+TORCH  ?= torch==2.13.0
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: install quickstart test clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet "$(TORCH)"
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $@
+
+quickstart: install
+	$(BIN)/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
+		pipeline/train.py --config configs/quickstart.yaml
+
+test: install
+	$(BIN)/python -m pytest -q -rs tests
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,282 @@
+"""The one typed config tree: every knob of a training run, with its unit and its checks.
+
+A run is described by a YAML file plus dotted command-line overrides
+(``train.steps=200 model.width=64``). Both go through the same validation, so a typo or a
+wrong type fails at start with a message that names the key and what is allowed, instead of
+being silently ignored hours into a job.
+
+Written by hand rather than with OmegaConf because we want errors that list the allowed keys
+and values (OmegaConf's say only "key not in struct") and ``Literal`` choices, which OmegaConf
+does not support.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the schema."""
+
+
+@dataclass
+class DataConfig:
+    train_urls: str = ""
+    """WebDataset URLs of the training shards: a brace pattern (``dir/train-{000000..000009}.tar``).
+    Empty: the embedded default dataset, written to shards under ``cache_dir`` on first use."""
+    eval_urls: str = ""
+    """URLs of the held-out shards, same forms as ``train_urls``. Empty with an empty
+    ``train_urls``: the embedded dataset's held-out split."""
+    cache_dir: str = ""
+    """Where the embedded dataset's shards are written. Empty: ``$XDG_CACHE_HOME/hvae-pipeline``
+    (``~/.cache/hvae-pipeline``)."""
+    batch_size: int = 32
+    """Images per process per step."""
+    num_workers: int = 0
+    """DataLoader worker processes per training process (0: read in the training process)."""
+    shuffle_buffer: int = 1000
+    """Samples held in the in-memory shuffle buffer after the shard order is shuffled."""
+    seed: int = 0
+    """Seed of the shard order and sample shuffle; the same on every rank."""
+
+    def __post_init__(self) -> None:
+        _check_positive(self, "batch_size", "shuffle_buffer")
+        _check_non_negative(self, "num_workers")
+
+
+@dataclass
+class ModelConfig:
+    resolution: int = 32
+    """Height and width of the (square) training images, in pixels."""
+    channels: int = 3
+    """Image channels: 3 for RGB, 1 for grayscale."""
+    width: int = 64
+    """Feature channels of every residual block."""
+    bottleneck_ratio: float = 0.25
+    """Channels inside a residual block, as a fraction of ``width`` (VDVAE uses 0.25)."""
+    latent_channels: int = 8
+    """Channels of each latent group z_i (one group per decoder block)."""
+    encoder_blocks: str = "32x2,32d2,16x2,16d2,8x2,8d2,4x2"
+    """Bottom-up blocks in VDVAE notation: ``RxN`` is N residual blocks at resolution R,
+    ``RdK`` is one block at R followed by average-pool down-sampling by K."""
+    decoder_blocks: str = "4x2,8m4,8x2,16m8,16x2,32m16,32x2"
+    """Top-down blocks: ``RxN`` is N latent-group blocks at resolution R, ``RmS`` first
+    up-samples the state of resolution S to R (nearest) and merges it in, then is one block."""
+    likelihood: Literal["discretized_logistic"] = "discretized_logistic"
+    """Pixel likelihood p(x|z): a discretized logistic per sub-pixel on 8-bit data."""
+
+    def __post_init__(self) -> None:
+        _check_positive(self, "resolution", "width", "latent_channels")
+        if self.channels not in (1, 3):
+            raise ConfigError(f"model.channels: must be 1 or 3, got {self.channels}")
+        if not 0 < self.bottleneck_ratio <= 1:
+            raise ConfigError(f"model.bottleneck_ratio: must be in (0, 1], got {self.bottleneck_ratio}")
+        # Parsing here makes a malformed block string fail at start, not at model build.
+        from pipeline.model.blocks import check_architecture, parse_decoder_blocks, parse_encoder_blocks
+
+        try:
+            check_architecture(
+                parse_encoder_blocks(self.encoder_blocks, self.resolution),
+                parse_decoder_blocks(self.decoder_blocks, self.resolution),
+            )
+        except ValueError as err:
+            raise ConfigError(f"model: {err}") from None
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 2e-3
+    """Peak learning rate of AdamW."""
+    weight_decay: float = 0.01
+    """AdamW decoupled weight decay."""
+    beta1: float = 0.9
+    beta2: float = 0.9
+    """AdamW betas (VDVAE uses 0.9, 0.9)."""
+    warmup_steps: int = 50
+    """Steps of linear learning-rate warm-up from 0 to ``lr``."""
+    grad_clip: float = 200.0
+    """Gradient norm clipping threshold (the global L2 norm over all parameters)."""
+
+    def __post_init__(self) -> None:
+        _check_positive(self, "lr", "grad_clip")
+        _check_non_negative(self, "weight_decay", "warmup_steps")
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ConfigError(f"optim.{name}: must be in [0, 1), got {getattr(self, name)}")
+
+
+@dataclass
+class TrainConfig:
+    run_dir: str = "runs/quickstart"
+    """Directory of this run: checkpoints, exported encoder, MLflow store. Running again on the
+    same directory resumes from its newest checkpoint."""
+    steps: int = 1000
+    """Optimizer steps to train in total (a resumed run stops at the same total)."""
+    seed: int = 0
+    """Seed of parameter init and of the sampling noise (offset by rank)."""
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    """Autocast precision; ``no`` is float32 (the default, and the only sensible one on CPU)."""
+    grad_accum_steps: int = 1
+    """Micro-batches accumulated per optimizer step."""
+    log_every: int = 10
+    """Steps between training metric logs."""
+    eval_every: int = 200
+    """Steps between evaluations on the held-out shards (and at the start and the end)."""
+    eval_batches: int = 0
+    """Held-out batches per evaluation per process; 0 means the whole held-out split."""
+    image_every: int = 500
+    """Steps between sample/reconstruction grids logged as images (and at the end)."""
+
+    def __post_init__(self) -> None:
+        _check_positive(self, "steps", "grad_accum_steps", "log_every", "eval_every", "image_every")
+        _check_non_negative(self, "eval_batches")
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 200
+    """Steps between checkpoints (one is always written at the end)."""
+    keep_last: int = 3
+    """Newest checkpoints kept; older ones are deleted after a new one is complete."""
+
+    def __post_init__(self) -> None:
+        _check_positive(self, "every", "keep_last")
+
+
+@dataclass
+class TrackingConfig:
+    enabled: bool = True
+    """Log to MLflow (on the main process only)."""
+    tracking_uri: str = ""
+    """MLflow tracking URI. Empty: ``$MLFLOW_TRACKING_URI`` if set, else a SQLite store at
+    ``<run_dir>/mlflow.db`` with artifacts under ``<run_dir>/mlartifacts``."""
+    experiment: str = "hvae"
+    """MLflow experiment name."""
+    run_name: str = ""
+    """MLflow run name; empty: the run directory's name."""
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def flat(self) -> dict[str, Any]:
+        """``{"train.steps": 1000, ...}``: the form MLflow params take."""
+        return {f"{section}.{key}": value for section, values in self.to_dict().items() for key, value in values.items()}
+
+
+def _check_positive(section: Any, *names: str) -> None:
+    for name in names:
+        if getattr(section, name) <= 0:
+            raise ConfigError(f"{_section_name(section)}.{name}: must be > 0, got {getattr(section, name)}")
+
+
+def _check_non_negative(section: Any, *names: str) -> None:
+    for name in names:
+        if getattr(section, name) < 0:
+            raise ConfigError(f"{_section_name(section)}.{name}: must be >= 0, got {getattr(section, name)}")
+
+
+def _section_name(section: Any) -> str:
+    return type(section).__name__.removesuffix("Config").lower()
+
+
+def _unknown_key(path: str, key: str, allowed: list[str]) -> ConfigError:
+    close = difflib.get_close_matches(key, allowed, n=1)
+    hint = f" Did you mean '{close[0]}'?" if close else ""
+    return ConfigError(f"unknown config key '{path}'.{hint} Allowed keys here: {', '.join(allowed)}")
+
+
+def _coerce(path: str, value: Any, annotation: Any) -> Any:
+    """Check ``value`` against a field's type; ints are accepted where floats are expected."""
+    if typing.get_origin(annotation) is Literal:
+        choices = typing.get_args(annotation)
+        if value not in choices:
+            raise ConfigError(f"{path}: got {value!r}, allowed values: {', '.join(map(repr, choices))}")
+        return value
+    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if annotation is float and isinstance(value, str):
+        # PyYAML follows YAML 1.1, which reads `1e-3` (no dot) as a string.
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    # bool is a subclass of int; `steps: true` must not pass as 1.
+    if isinstance(value, annotation) and not (annotation is int and isinstance(value, bool)):
+        return value
+    raise ConfigError(f"{path}: expected {annotation.__name__}, got {type(value).__name__} {value!r}")
+
+
+def _build(cls: type, values: dict[str, Any], path: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        full = f"{path}.{key}" if path else key
+        if key not in fields:
+            raise _unknown_key(full, key, list(fields))
+        annotation = hints[key]
+        if dataclasses.is_dataclass(annotation):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{full}: expected a section (mapping) with keys {', '.join(f.name for f in dataclasses.fields(annotation))}")
+            kwargs[key] = _build(annotation, value, full)
+        else:
+            kwargs[key] = _coerce(full, value, annotation)
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = tree
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override '{dotted}': '{part}' is a value, not a section")
+    node[leaf] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"train.steps=200"`` -> ``("train.steps", 200)``; the value is read as YAML."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override '{text}': expected dotted.key=value, e.g. train.steps=200")
+    return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a YAML config, apply dotted overrides, validate everything, return the tree."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        with open(path) as f:
+            loaded = yaml.safe_load(f) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+        tree = loaded
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_dotted(tree, key, value)
+    return config_from_dict(tree)
+
+
+def config_from_dict(tree: dict[str, Any]) -> Config:
+    """Validate a nested dict (e.g. the ``config`` saved in a checkpoint) into a Config."""
+    try:
+        return _build(Config, tree, "")
+    except TypeError as err:  # a dataclass constructor rejecting something _build let through
+        raise ConfigError(str(err)) from None

@@ -1,0 +1,178 @@
+"""A hierarchical VAE in the VDVAE family (Child 2021).
+
+``BottomUp`` turns an image into features at every resolution. ``TopDown`` starts from a
+learned constant at the lowest resolution and, block by block, computes the prior
+p(z_i | z_<i) from its running state, the posterior q(z_i | x, z_<i) from that state and the
+bottom-up features of the same resolution, draws z_i (reparameterised: mean + std * noise) and
+adds it back into the state. Each top-down block is one latent group. The final state feeds the
+pixel likelihood. Generation runs the same top-down pass with z_i drawn from the prior.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from pipeline.config import ModelConfig
+from pipeline.model.blocks import DecoderBlockSpec, ResidualBlock, parse_decoder_blocks, parse_encoder_blocks
+from pipeline.model.likelihood import DiscretizedLogistic, to_unit_range
+from pipeline.objective import gaussian_kl, negative_elbo
+
+
+def _hidden(cfg: ModelConfig) -> int:
+    return max(1, int(cfg.width * cfg.bottleneck_ratio))
+
+
+class BottomUp(nn.Module):
+    """Image -> features per resolution: ``{32: (N, W, 32, 32), 16: ..., 4: ...}``."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        specs = parse_encoder_blocks(cfg.encoder_blocks, cfg.resolution)
+        self.stem = nn.Conv2d(cfg.channels, cfg.width, 3, padding=1)
+        scale = 1.0 / math.sqrt(len(specs))
+        self.blocks = nn.ModuleList(
+            ResidualBlock(cfg.width, _hidden(cfg), cfg.width, s.resolution, down_rate=s.down_rate, last_scale=scale)
+            for s in specs
+        )
+
+    def forward(self, x: torch.Tensor) -> dict[int, torch.Tensor]:
+        """x: (N, C, H, W) in [-1, 1]."""
+        h = self.stem(x)
+        features = {h.shape[-1]: h}
+        for block in self.blocks:
+            h = block(h)
+            features[h.shape[-1]] = h  # the last block at each resolution wins
+        return features
+
+
+@dataclass
+class GroupOutput:
+    """What one latent group produced for a batch."""
+
+    z: torch.Tensor  # (N, Z, r, r) the sample passed on
+    kl: torch.Tensor | None  # (N,) nats, None when sampling from the prior
+    posterior_mean: torch.Tensor | None  # (N, Z, r, r)
+    posterior_log_std: torch.Tensor | None
+
+
+class TopDownBlock(nn.Module):
+    """One latent group: prior and posterior heads, the z projection, a residual cell."""
+
+    def __init__(self, spec: DecoderBlockSpec, cfg: ModelConfig, n_blocks: int) -> None:
+        super().__init__()
+        w, h, z = cfg.width, _hidden(cfg), cfg.latent_channels
+        self.resolution = spec.resolution
+        self.merge_from = spec.merge_from
+        self.latent_channels = z
+        scale = 1.0 / math.sqrt(n_blocks)
+        self.posterior = ResidualBlock(2 * w, h, 2 * z, spec.resolution, residual=False)
+        # The prior also emits an update of the state, so the state can carry what z_<i said.
+        self.prior = ResidualBlock(w, h, 2 * z + w, spec.resolution, residual=False, zero_last=True)
+        self.z_proj = nn.Conv2d(z, w, 1)
+        with torch.no_grad():
+            self.z_proj.weight.mul_(scale)
+        self.cell = ResidualBlock(w, h, w, spec.resolution, last_scale=scale)
+
+    def forward(
+        self,
+        state: torch.Tensor,
+        features: torch.Tensor | None,
+        temperature: float = 1.0,
+        use_mean: bool = False,
+    ) -> tuple[torch.Tensor, GroupOutput]:
+        """state: (N, W, r, r). features: bottom-up (N, W, r, r), or None to sample the prior.
+        ``use_mean`` passes the posterior (or prior) mean on instead of a sample."""
+        prior_mean, prior_log_std, state_update = self.prior(state).split(
+            [self.latent_channels, self.latent_channels, state.shape[1]], dim=1
+        )
+        if features is None:
+            z = prior_mean if use_mean else prior_mean + temperature * torch.exp(prior_log_std) * torch.randn_like(prior_mean)
+            out = GroupOutput(z, None, None, None)
+        else:
+            post_mean, post_log_std = self.posterior(torch.cat([state, features], dim=1)).chunk(2, dim=1)
+            z = post_mean if use_mean else post_mean + torch.exp(post_log_std) * torch.randn_like(post_mean)
+            kl = gaussian_kl(post_mean.float(), post_log_std.float(), prior_mean.float(), prior_log_std.float())
+            out = GroupOutput(z, kl.flatten(1).sum(1), post_mean, post_log_std)
+        state = state + state_update
+        state = self.cell(state + self.z_proj(z))
+        return state, out
+
+
+class TopDown(nn.Module):
+    """Runs the latent groups from the lowest resolution up to the image resolution."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        specs = parse_decoder_blocks(cfg.decoder_blocks, cfg.resolution)
+        self.width = cfg.width
+        self.resolution = cfg.resolution
+        self.blocks = nn.ModuleList(TopDownBlock(s, cfg, len(specs)) for s in specs)
+        # A learned starting state per resolution (VDVAE's bias_xs); keys must be strings.
+        self.initial_state = nn.ParameterDict(
+            {str(r): nn.Parameter(torch.zeros(1, cfg.width, r, r)) for r in sorted({s.resolution for s in specs})}
+        )
+
+    def forward(
+        self,
+        features: dict[int, torch.Tensor] | None,
+        batch_size: int,
+        temperature: float | list[float] = 1.0,
+        use_mean: bool = False,
+    ) -> tuple[torch.Tensor, list[GroupOutput]]:
+        """Returns the final (N, W, H, W) state and one GroupOutput per latent group.
+
+        ``temperature`` may be one number or one per group (used only when sampling the prior).
+        """
+        temperatures = temperature if isinstance(temperature, list) else [temperature] * len(self.blocks)
+        states = {int(r): s.expand(batch_size, -1, -1, -1) for r, s in self.initial_state.items()}
+        groups = []
+        for block, t in zip(self.blocks, temperatures):
+            state = states[block.resolution]
+            if block.merge_from is not None:
+                low = states[block.merge_from]
+                state = state + F.interpolate(low, scale_factor=block.resolution // block.merge_from, mode="nearest")
+            state, group = block(state, None if features is None else features[block.resolution], t, use_mean)
+            states[block.resolution] = state
+            groups.append(group)
+        return states[self.resolution], groups
+
+
+class VAE(nn.Module):
+    """The whole model. ``forward`` returns the loss in bits/dim and its parts."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.bottom_up = BottomUp(cfg)
+        self.top_down = TopDown(cfg)
+        self.likelihood = DiscretizedLogistic(cfg.width, cfg.channels)
+
+    @property
+    def num_groups(self) -> int:
+        return len(self.top_down.blocks)
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """images: uint8 (N, C, H, W). Returns ``loss`` (negative ELBO, bits/dim, scalar),
+        ``recon_bpd``, ``kl_bpd``, ``kl_bpd_per_group`` (G,)."""
+        x = to_unit_range(images)
+        state, groups = self.top_down(self.bottom_up(x), x.shape[0])
+        recon_nats = self.likelihood.nll(state, x)
+        return negative_elbo(recon_nats, [g.kl for g in groups], dims=x[0].numel())
+
+    @torch.no_grad()
+    def reconstruct(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 images -> reconstructions in [-1, 1] (posterior sample, likelihood mode)."""
+        x = to_unit_range(images)
+        state, _ = self.top_down(self.bottom_up(x), x.shape[0])
+        return self.likelihood.mode(state)
+
+    @torch.no_grad()
+    def sample(self, n: int, temperature: float | list[float] = 1.0) -> torch.Tensor:
+        """n images from the prior, in [-1, 1]; lower temperatures give smoother images."""
+        state, _ = self.top_down(None, n, temperature)
+        return self.likelihood.mode(state)

@@ -1,0 +1,63 @@
+"""Entry point: ``accelerate launch pipeline/train.py --config configs/quickstart.yaml [k=v ...]``.
+
+Also ``python pipeline/train.py ...`` (one process) and the console script ``pipeline-train``.
+It parses, builds, trains, and closes; everything else lives in the modules it calls.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __name__ == "__main__" and not __package__:
+    # Run as a file, Python puts pipeline/ itself on sys.path, where our module names (config,
+    # data, model...) could shadow other packages. Put the repository root there instead.
+    sys.path[0] = str(Path(__file__).resolve().parent.parent)
+
+import argparse
+import logging
+
+from pipeline.config import ConfigError, load_config
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Train a hierarchical VAE on WebDataset shards.")
+    parser.add_argument("--config", help="YAML config file (configs/*.yaml); defaults apply to what it omits")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=200 data.batch_size=16")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except (ConfigError, FileNotFoundError) as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
+
+    # Heavy imports after the config check, so a typo is reported in a second.
+    from accelerate import Accelerator
+
+    from pipeline.trainer import Trainer
+
+    accelerator = Accelerator(
+        mixed_precision=cfg.train.mixed_precision,
+        gradient_accumulation_steps=cfg.train.grad_accum_steps,
+    )
+    logging.basicConfig(
+        level=logging.INFO if accelerator.is_main_process else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    trainer = Trainer(cfg, accelerator)
+    status = "FAILED"
+    try:
+        trainer.fit()
+        status = "FINISHED"
+    finally:
+        trainer.close(status)
+        accelerator.end_training()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,55 @@
+import pytest
+import torch
+
+from pipeline import Encoder
+from pipeline.config import load_config
+from pipeline.model import VAE
+from tests.conftest import TINY_MODEL
+
+
+@pytest.fixture(scope="module")
+def vae():
+    torch.manual_seed(0)
+    return VAE(load_config(None, TINY_MODEL).model)
+
+
+def test_forward_returns_the_loss_and_its_parts(vae):
+    images = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
+    out = vae(images)
+    assert out["loss"].shape == () and torch.isfinite(out["loss"])
+    assert out["kl_bpd_per_group"].shape == (vae.num_groups,) == (7,)
+    assert out["loss"].item() == pytest.approx(out["recon_bpd"].item() + out["kl_bpd"].item(), rel=1e-5)
+    assert (out["kl_bpd_per_group"] >= 0).all()
+    out["loss"].backward()
+    no_grad = [n for n, p in vae.named_parameters() if p.grad is None]
+    assert not no_grad, f"parameters without gradient: {no_grad}"
+    vae.zero_grad()
+
+
+def test_features_exist_at_every_resolution(vae):
+    features = vae.bottom_up(torch.zeros(2, 3, 32, 32))
+    assert {r: tuple(f.shape) for r, f in features.items()} == {r: (2, 16, r, r) for r in (32, 16, 8, 4)}
+
+
+def test_samples_and_reconstructions_are_images(vae):
+    assert vae.sample(5).shape == (5, 3, 32, 32)
+    assert vae.sample(2, temperature=[1.0, 0.5, 0.5, 0.1, 0.1, 0.0, 0.0]).shape == (2, 3, 32, 32)
+    recon = vae.reconstruct(torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8))
+    assert recon.shape == (4, 3, 32, 32) and recon.min() >= -1 and recon.max() <= 1
+
+
+def test_encoder_latents_are_the_posterior_means_per_group(vae):
+    encoder = Encoder.from_vae(vae)
+    images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    latents = encoder(images)
+    assert [tuple(z.shape[1:]) for z in latents] == encoder.latent_shapes
+    assert [z.shape[-1] for z in latents] == [4, 8, 8, 16, 16, 32, 32]
+    assert all(torch.equal(a, b) for a, b in zip(latents, encoder(images)))  # deterministic
+    _, groups = vae.top_down(vae.bottom_up(images.float() / 127.5 - 1), 2, use_mean=True)
+    assert all(torch.allclose(z, g.posterior_mean) for z, g in zip(latents, groups))
+
+
+def test_grayscale_model():
+    cfg = load_config(None, TINY_MODEL + ["model.channels=1"]).model
+    out = VAE(cfg)(torch.randint(0, 256, (2, 1, 32, 32), dtype=torch.uint8))
+    assert torch.isfinite(out["loss"])

@@ -1,0 +1,115 @@
+"""Real training processes through `accelerate launch`: checkpoints, resume, MLflow, export."""
+
+import json
+
+import pytest
+import torch
+from mlflow import MlflowClient
+from safetensors.torch import load_file
+
+from pipeline import Encoder
+from pipeline.checkpoint import list_checkpoints, load_checkpoint
+from pipeline.config import config_from_dict
+from pipeline.model import VAE
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory, launch):
+    run_dir = tmp_path_factory.mktemp("runs") / "first"
+    result = launch(run_dir, "train.steps=4", "checkpoint.every=2", "checkpoint.keep_last=2")
+    return run_dir, result
+
+
+@pytest.fixture(scope="module")
+def resumed_run(first_run, launch):
+    run_dir, _ = first_run
+    # Snapshot what the first run left, before the resume adds to it.
+    before = {
+        "checkpoints": [p.name for p in list_checkpoints(run_dir / "checkpoints")],
+        "summary": json.loads((run_dir / "summary.json").read_text()),
+    }
+    result = launch(run_dir, "train.steps=6", "checkpoint.every=2", "checkpoint.keep_last=2")
+    return run_dir, result, before
+
+
+def _client(run_dir):
+    return MlflowClient(tracking_uri=f"sqlite:///{run_dir / 'mlflow.db'}")
+
+
+def test_a_run_leaves_complete_checkpoints(resumed_run):
+    run_dir, _, before = resumed_run
+    assert before["checkpoints"] == ["step_000002", "step_000004"]
+    model_state, optimizer_state, state = load_checkpoint(run_dir / "checkpoints" / "step_000004")
+    assert state["step"] == 4 and state["world_size"] == 1
+    assert state["data"][0]["batches_in_epoch"] == 4 and "torch" in state["rng"][0]
+    assert config_from_dict(state["config"]).train.steps == 4
+    assert set(optimizer_state["state"][0]) == {"step", "exp_avg", "exp_avg_sq"}
+    VAE(config_from_dict(state["config"]).model).load_state_dict(model_state)  # strict: every key fits
+    assert not list((run_dir / "checkpoints").glob(".tmp-*"))
+
+
+def test_running_again_resumes_instead_of_starting_over(resumed_run):
+    run_dir, result, before = resumed_run
+    assert "resumed from" in result.stderr and "(step 4)" in result.stderr
+    # keep_last=2: step 2 was pruned once step 6 existed
+    assert [p.name for p in list_checkpoints(run_dir / "checkpoints")] == ["step_000004", "step_000006"]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["step"] == 6
+    assert summary["mlflow_run_id"] == before["summary"]["mlflow_run_id"]  # the same MLflow run goes on
+    assert summary["first_eval"] == before["summary"]["first_eval"]
+
+
+def test_resume_is_exact(resumed_run, tmp_path, launch):
+    """Stopping at step 4 and resuming to 6 gives the weights of 6 uninterrupted steps."""
+    run_dir, _, _ = resumed_run
+    straight = tmp_path / "straight"
+    launch(straight, "train.steps=6", "checkpoint.every=100")
+    resumed = load_file(run_dir / "checkpoints" / "step_000006" / "model.safetensors")
+    uninterrupted = load_file(straight / "checkpoints" / "step_000006" / "model.safetensors")
+    assert resumed.keys() == uninterrupted.keys()
+    different = [k for k in resumed if not torch.equal(resumed[k], uninterrupted[k])]
+    assert not different, f"parameters that differ after resume: {different[:5]}"
+
+
+def test_mlflow_run_holds_params_metrics_and_artifacts(resumed_run):
+    run_dir, _, _ = resumed_run
+    client = _client(run_dir)
+    run_id = json.loads((run_dir / "summary.json").read_text())["mlflow_run_id"]
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["train.steps"] == "4"  # params of the run's first start
+    assert run.data.params["model.width"] == "16"
+    history = client.get_metric_history(run_id, "train/loss")
+    assert sorted(m.step for m in history) == [1, 2, 3, 4, 5, 6]
+    assert all(0 < m.value < 20 for m in history)
+    for name in ("train/grad_norm", "train/images_per_s", "train/kl_bpd", "train/recon_bpd",
+                 "train/kl_bpd/group_00", "eval/loss", "eval/kl_bpd/group_06"):
+        assert client.get_metric_history(run_id, name), name
+    artifacts = {a.path for a in client.list_artifacts(run_id)}
+    assert {"images", "encoder"} <= artifacts
+    assert {a.path for a in client.list_artifacts(run_id, "encoder")} == {"encoder/encoder.safetensors", "encoder/config.json"}
+    assert any(a.path.endswith(".png") for a in client.list_artifacts(run_id, "images"))
+
+
+def test_training_lowers_the_heldout_bits_per_dim(resumed_run):
+    run_dir, _, _ = resumed_run
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["final_eval"]["eval/loss"] < summary["first_eval"]["eval/loss"] - 0.2
+
+
+def test_exported_encoder_loads_in_one_call_and_matches_the_checkpoint(resumed_run, builtin_urls):
+    run_dir, _, _ = resumed_run
+    encoder = Encoder.from_pretrained(run_dir / "encoder")
+    from pipeline.data.loader import make_loader
+
+    images = next(iter(make_loader(builtin_urls[1], batch_size=5, train=False)[0]))["image"]
+    latents = encoder(images)
+    assert [tuple(z.shape) for z in latents] == [(5, *shape) for shape in encoder.latent_shapes]
+
+    model_state, _, state = load_checkpoint(run_dir / "checkpoints" / "step_000006")
+    vae = VAE(config_from_dict(state["config"]).model)
+    vae.load_state_dict(model_state)
+    expected = Encoder.from_vae(vae.eval())(images)
+    assert all(torch.equal(a, b) for a, b in zip(latents, expected))
