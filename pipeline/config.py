@@ -101,12 +101,19 @@ class OptimConfig:
     """AdamW betas (VDVAE uses 0.9, 0.9)."""
     warmup_steps: int = 50
     """Steps of linear learning-rate warm-up from 0 to ``lr``."""
+    schedule: Literal["cosine", "constant"] = "cosine"
+    """After warm-up: cosine decay from ``lr`` to ``lr * min_lr_ratio`` at ``train.steps``, or
+    constant. (Raising ``train.steps`` on resume stretches the cosine from that point on.)"""
+    min_lr_ratio: float = 0.1
+    """Final learning rate of the cosine schedule, as a fraction of ``lr``."""
     grad_clip: float = 200.0
     """Gradient norm clipping threshold (the global L2 norm over all parameters)."""
 
     def __post_init__(self) -> None:
         _check_positive(self, "lr", "grad_clip")
         _check_non_negative(self, "weight_decay", "warmup_steps")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(f"optim.min_lr_ratio: must be in [0, 1], got {self.min_lr_ratio}")
         for name in ("beta1", "beta2"):
             if not 0 <= getattr(self, name) < 1:
                 raise ConfigError(f"optim.{name}: must be in [0, 1), got {getattr(self, name)}")

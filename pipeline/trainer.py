@@ -10,8 +10,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import time
 from collections import defaultdict
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +42,18 @@ from pipeline.tracking import Tracker
 log = logging.getLogger(__name__)
 
 
+def lr_factor(cfg: Config, step: int) -> float:
+    """Multiplier of ``optim.lr`` at ``step``: linear warm-up, then cosine or constant."""
+    warmup = max(1, cfg.optim.warmup_steps)
+    if step < warmup:
+        return (step + 1) / warmup
+    if cfg.optim.schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, cfg.train.steps - warmup))
+    floor = cfg.optim.min_lr_ratio
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
 class Trainer:
     def __init__(self, cfg: Config, accelerator: Accelerator) -> None:
         self.cfg, self.accelerator = cfg, accelerator
@@ -55,8 +69,7 @@ class Trainer:
             betas=(cfg.optim.beta1, cfg.optim.beta2),
             weight_decay=cfg.optim.weight_decay,
         )
-        warmup = max(1, cfg.optim.warmup_steps)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(lr_factor, cfg))
         # The data loaders are not prepared: the pipeline already splits shards by rank, and
         # Accelerate's dispatching would split our batches a second time.
         self.model, self.optimizer = accelerator.prepare(model, optimizer)

@@ -37,20 +37,25 @@ def builtin_urls(data_cache) -> tuple[str, str]:
 def launch(data_cache):
     """Run ``accelerate launch pipeline/train.py`` as a real process; returns the result."""
 
-    def run(run_dir: Path, *overrides: str, num_processes: int = 1, check: bool = True) -> subprocess.CompletedProcess:
-        command = [
+    def run(
+        run_dir: Path, *overrides: str, num_processes: int = 1, plain_python: bool = False, env: dict | None = None
+    ) -> subprocess.CompletedProcess:
+        launcher = [sys.executable] if plain_python else [
             sys.executable, "-m", "accelerate.commands.launch",
             "--num_processes", str(num_processes), "--num_machines", "1",
             "--mixed_precision", "no", "--dynamo_backend", "no",
+        ]  # fmt: skip
+        command = [
+            *launcher,
             str(REPO / "pipeline" / "train.py"), "--config", str(REPO / "configs" / "quickstart.yaml"),
             f"train.run_dir={run_dir}", f"data.cache_dir={data_cache}",
             "data.batch_size=8", "data.num_workers=0", "optim.warmup_steps=1",
             "train.log_every=1", "train.eval_every=1000", "train.image_every=1000", "train.eval_batches=4",
             *TINY_MODEL, *overrides,
         ]  # fmt: skip
-        env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-        result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
-        if check and result.returncode != 0:
+        environment = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"} | (env or {})
+        result = subprocess.run(command, capture_output=True, text=True, env=environment, cwd=REPO, timeout=600)
+        if result.returncode != 0:
             raise AssertionError(f"training failed ({result.returncode}):\n{result.stdout}\n{result.stderr[-6000:]}")
         return result
 

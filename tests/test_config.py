@@ -59,3 +59,16 @@ def test_the_training_command_rejects_a_bad_key_before_doing_any_work(tmp_path):
     assert "unknown config key 'train.stepz'" in result.stderr
     assert "steps" in result.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_learning_rate_warms_up_then_decays_to_the_floor():
+    from pipeline.trainer import lr_factor
+
+    cfg = load_config(None, ["optim.warmup_steps=10", "train.steps=110", "optim.min_lr_ratio=0.1"])
+    factors = [lr_factor(cfg, s) for s in range(111)]
+    assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
+    assert factors[10] == pytest.approx(1.0) and factors[60] == pytest.approx(0.55)
+    assert factors[110] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(factors[10:], factors[11:]))
+    constant = load_config(None, ["optim.warmup_steps=10", "optim.schedule=constant"])
+    assert lr_factor(constant, 500) == 1.0

@@ -14,11 +14,15 @@ from pipeline.model import VAE
 
 pytestmark = pytest.mark.slow
 
+# The resume tests extend a 4-step run to 6 steps; a cosine schedule would stretch with the new
+# total, and the comparison with 6 uninterrupted steps needs the same learning rates.
+CONSTANT_LR = ("optim.schedule=constant",)
+
 
 @pytest.fixture(scope="module")
 def first_run(tmp_path_factory, launch):
     run_dir = tmp_path_factory.mktemp("runs") / "first"
-    result = launch(run_dir, "train.steps=4", "checkpoint.every=2", "checkpoint.keep_last=2")
+    result = launch(run_dir, "train.steps=4", "checkpoint.every=2", "checkpoint.keep_last=2", *CONSTANT_LR)
     return run_dir, result
 
 
@@ -30,7 +34,7 @@ def resumed_run(first_run, launch):
         "checkpoints": [p.name for p in list_checkpoints(run_dir / "checkpoints")],
         "summary": json.loads((run_dir / "summary.json").read_text()),
     }
-    result = launch(run_dir, "train.steps=6", "checkpoint.every=2", "checkpoint.keep_last=2")
+    result = launch(run_dir, "train.steps=6", "checkpoint.every=2", "checkpoint.keep_last=2", *CONSTANT_LR)
     return run_dir, result, before
 
 
@@ -65,7 +69,7 @@ def test_resume_is_exact(resumed_run, tmp_path, launch):
     """Stopping at step 4 and resuming to 6 gives the weights of 6 uninterrupted steps."""
     run_dir, _, _ = resumed_run
     straight = tmp_path / "straight"
-    launch(straight, "train.steps=6", "checkpoint.every=100")
+    launch(straight, "train.steps=6", "checkpoint.every=100", *CONSTANT_LR)
     resumed = load_file(run_dir / "checkpoints" / "step_000006" / "model.safetensors")
     uninterrupted = load_file(straight / "checkpoints" / "step_000006" / "model.safetensors")
     assert resumed.keys() == uninterrupted.keys()
@@ -113,3 +117,18 @@ def test_exported_encoder_loads_in_one_call_and_matches_the_checkpoint(resumed_r
     vae.load_state_dict(model_state)
     expected = Encoder.from_vae(vae.eval())(images)
     assert all(torch.equal(a, b) for a, b in zip(latents, expected))
+
+
+def test_plain_python_bf16_and_the_tracking_uri_from_the_environment(tmp_path, launch):
+    """`python pipeline/train.py` (no launcher) with bf16 autocast, logging to the MLflow store
+    that MLFLOW_TRACKING_URI names rather than the run directory's default."""
+    other_store = f"sqlite:///{tmp_path / 'elsewhere.db'}"
+    run_dir = tmp_path / "plain"
+    launch(run_dir, "train.steps=2", "train.mixed_precision=bf16", "tracking.experiment=from-env",
+           plain_python=True, env={"MLFLOW_TRACKING_URI": other_store})  # fmt: skip
+    assert not (run_dir / "mlflow.db").exists()
+    run_id = json.loads((run_dir / "summary.json").read_text())["mlflow_run_id"]
+    run = MlflowClient(tracking_uri=other_store).get_run(run_id)
+    assert run.data.tags["mixed_precision"] == "bf16"
+    assert run.data.metrics["train/loss"] > 0
+    assert (run_dir / "checkpoints" / "step_000002" / "model.safetensors").exists()
