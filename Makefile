@@ -27,7 +27,11 @@ quickstart: install
 	$(BIN)/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
 		--num_cpu_threads_per_process $$(nproc) pipeline/train.py --config configs/quickstart.yaml
 
+# The tests start real servers: nginx serves shards over HTTP. CI runs as root and installs it
+# from Debian; elsewhere install it yourself, or the HTTP tests are skipped (and say so).
 test: install
+	@if ! command -v nginx >/dev/null && [ "$$(id -u)" = 0 ]; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx >/dev/null; fi
 	$(BIN)/python -m pytest -q -rs tests
 
 clean:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,12 +29,32 @@ class ConfigError(ValueError):
 
 @dataclass
 class DataConfig:
-    train_urls: str = ""
-    """WebDataset URLs of the training shards: a brace pattern (``dir/train-{000000..000009}.tar``).
+    train_urls: str | list[str] = ""
+    """Training shards: a brace pattern (``dir/train-{000000..000009}.tar``), a list of them, or
+    a manifest (``dir/manifest.json#train``); local paths, ``http(s)://`` or ``pipe:cmd``.
     Empty: the embedded default dataset, written to shards under ``cache_dir`` on first use."""
-    eval_urls: str = ""
-    """URLs of the held-out shards, same forms as ``train_urls``. Empty with an empty
-    ``train_urls``: the embedded dataset's held-out split."""
+    eval_urls: str | list[str] = ""
+    """Held-out shards, same forms as ``train_urls``. Empty: the ``heldout`` split of the
+    training shards' manifest (or of the embedded dataset)."""
+    mode: Literal["epoch", "resampled"] = "epoch"
+    """``epoch``: every sample once per epoch across all processes, exact resume (needs shard
+    sample counts, i.e. a manifest). ``resampled``: an endless random draw of shards per
+    process, for datasets too large to count."""
+    epoch_batches: int = 0
+    """Batches per process per epoch in ``resampled`` mode; 0: the manifest's sample count
+    divided by (processes x batch size)."""
+    hflip: bool = False
+    """Mirror training images left-right at random (a fixed draw per epoch and sample)."""
+    allow_pipe: bool = False
+    """Allow ``pipe:`` URLs, which run shell commands taken from the config."""
+    http_retries: int = 3
+    """Re-opens of a remote shard after an HTTP error or a dropped connection (samples already
+    read are skipped)."""
+    http_timeout: float = 30.0
+    """Seconds without data before a remote read fails."""
+    max_skip_fraction: float = 0.05
+    """Stop the run when more than this fraction of an epoch's planned samples on a process
+    turn out corrupt or missing (each one is skipped with a warning and counted until then)."""
     cache_dir: str = ""
     """Where the embedded dataset's shards are written. Empty: ``$XDG_CACHE_HOME/hvae-pipeline``
     (``~/.cache/hvae-pipeline``)."""
@@ -47,8 +68,10 @@ class DataConfig:
     """Seed of the shard order and sample shuffle; the same on every rank."""
 
     def __post_init__(self) -> None:
-        _check_positive(self, "batch_size", "shuffle_buffer")
-        _check_non_negative(self, "num_workers")
+        _check_positive(self, "batch_size", "shuffle_buffer", "http_timeout")
+        _check_non_negative(self, "num_workers", "epoch_batches", "http_retries")
+        if not 0 <= self.max_skip_fraction <= 1:
+            raise ConfigError(f"data.max_skip_fraction: must be in [0, 1], got {self.max_skip_fraction}")
 
 
 @dataclass
@@ -211,6 +234,19 @@ def _unknown_key(path: str, key: str, allowed: list[str]) -> ConfigError:
 
 def _coerce(path: str, value: Any, annotation: Any) -> Any:
     """Check ``value`` against a field's type; ints are accepted where floats are expected."""
+    if isinstance(annotation, types.UnionType):
+        for option in typing.get_args(annotation):
+            try:
+                return _coerce(path, value, option)
+            except ConfigError:
+                pass
+        names = " or ".join(getattr(a, "__name__", str(a)) for a in typing.get_args(annotation))
+        raise ConfigError(f"{path}: expected {names}, got {type(value).__name__} {value!r}")
+    if typing.get_origin(annotation) is list:
+        (item,) = typing.get_args(annotation)
+        if not isinstance(value, list):
+            raise ConfigError(f"{path}: expected a list, got {type(value).__name__} {value!r}")
+        return [_coerce(f"{path}[{i}]", v, item) for i, v in enumerate(value)]
     if typing.get_origin(annotation) is Literal:
         choices = typing.get_args(annotation)
         if value not in choices:

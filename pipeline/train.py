@@ -38,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     # Heavy imports after the config check, so a typo is reported in a second.
     from accelerate import Accelerator
 
+    from pipeline.data.streams import DataError
     from pipeline.trainer import Trainer
 
     accelerator = Accelerator(
@@ -48,11 +49,18 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO if accelerator.is_main_process else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    trainer = Trainer(cfg, accelerator)
+    try:
+        trainer = Trainer(cfg, accelerator)
+    except DataError as err:
+        print(f"data error: {err}", file=sys.stderr)
+        return 3
     status = "FAILED"
     try:
         trainer.fit()
         status = "FINISHED"
+    except DataError as err:
+        print(f"data error: {err}", file=sys.stderr)
+        return 3
     finally:
         trainer.close(status)
         accelerator.end_training()

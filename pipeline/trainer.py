@@ -34,6 +34,7 @@ from pipeline.checkpoint import (
 from pipeline.config import Config, config_from_dict
 from pipeline.data.builtin import ensure_builtin_dataset
 from pipeline.data.loader import EpochIterator, make_loader
+from pipeline.data.streams import StreamOptions
 from pipeline.encoder import Encoder
 from pipeline.images import sample_and_reconstruction_grid
 from pipeline.model import VAE
@@ -76,16 +77,18 @@ class Trainer:
         set_seed(cfg.train.seed + accelerator.process_index)  # different latent noise per rank
 
         train_urls, eval_urls = self._data_urls()
-        loader_args = dict(
-            batch_size=cfg.data.batch_size,
-            num_workers=cfg.data.num_workers,
-            rank=accelerator.process_index,
-            world_size=accelerator.num_processes,
-            channels=cfg.model.channels,
-            seed=cfg.data.seed,
-        )
-        self.train_batches = EpochIterator(*make_loader(train_urls, train=True, shuffle_buffer=cfg.data.shuffle_buffer, **loader_args))
-        self.eval_loader, self.eval_stream = make_loader(eval_urls, train=False, **loader_args)
+        data = cfg.data
+        options = StreamOptions(allow_pipe=data.allow_pipe, retries=data.http_retries, timeout=data.http_timeout)
+        common = dict(
+            batch_size=data.batch_size, num_workers=data.num_workers, rank=accelerator.process_index,
+            world_size=accelerator.num_processes, channels=cfg.model.channels, seed=data.seed, options=options,
+        )  # fmt: skip
+        self.train_batches = EpochIterator(
+            *make_loader(train_urls, train=True, mode=data.mode, shuffle_buffer=data.shuffle_buffer,
+                         hflip=data.hflip, epoch_batches=data.epoch_batches, **common),
+            max_skip_fraction=data.max_skip_fraction,
+        )  # fmt: skip
+        self.eval_loader, _ = make_loader(eval_urls, train=False, **common)
 
         self.step, self.skipped_updates = 0, 0
         self.first_eval: dict[str, float] | None = None
@@ -101,10 +104,15 @@ class Trainer:
 
     # --- set-up ----------------------------------------------------------------------------
 
-    def _data_urls(self) -> tuple[str, str]:
+    def _data_urls(self) -> tuple[str | list[str], str | list[str]]:
         data = self.cfg.data
         if data.train_urls:
-            return data.train_urls, data.eval_urls or data.train_urls
+            if data.eval_urls:
+                return data.train_urls, data.eval_urls
+            if isinstance(data.train_urls, str) and data.train_urls.partition("#")[0].endswith("manifest.json"):
+                return data.train_urls, data.train_urls.partition("#")[0] + "#heldout"
+            log.warning("no data.eval_urls: evaluating on the training shards")
+            return data.train_urls, data.train_urls
         # The main process writes the embedded dataset's shards; the others wait, then read.
         with self.accelerator.main_process_first():
             return ensure_builtin_dataset(data.cache_dir or None, seed=data.seed)
@@ -163,6 +171,7 @@ class Trainer:
                 elapsed = time.perf_counter() - interval_start
                 metrics = {f"train/{k}": v for k, v in self._mean_over_processes(sums, interval_steps).items()}
                 images = interval_steps * cfg.data.batch_size * cfg.train.grad_accum_steps * acc.num_processes
+                metrics |= self._data_counts()
                 metrics |= {
                     "train/images_per_s": images / elapsed,
                     "train/lr": self.scheduler.get_last_lr()[0],
@@ -219,6 +228,14 @@ class Trainer:
         stacked = self.accelerator.reduce(stacked, reduction="mean")  # a collective: all ranks call it
         return dict(zip(keys, stacked.tolist()))
 
+    def _data_counts(self) -> dict[str, float]:
+        """The loaders' fault counts, summed over processes: skipped samples must be seen."""
+        counts = self.train_batches.counts()
+        keys = ["corrupt", "missing", "retries", "shards_opened", "decoded"]
+        totals = torch.tensor([float(counts.get(k, 0)) for k in keys], device=self.accelerator.device)
+        totals = self.accelerator.reduce(totals, reduction="sum")
+        return {f"data/{k}": v for k, v in zip(keys, totals.tolist())}
+
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Negative ELBO on the whole held-out split (or ``train.eval_batches`` per process)."""
@@ -229,6 +246,8 @@ class Trainer:
             if self.cfg.train.eval_batches and i >= self.cfg.train.eval_batches:
                 break
             images = batch["image"].to(self.accelerator.device)
+            if images.shape[0] == 0:  # every sample of the batch was unreadable (counted)
+                continue
             with self.accelerator.autocast():
                 out = model(images)
             n = images.shape[0]

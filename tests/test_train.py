@@ -89,7 +89,7 @@ def test_mlflow_run_holds_params_metrics_and_artifacts(resumed_run):
     assert sorted(m.step for m in history) == [1, 2, 3, 4, 5, 6]
     assert all(0 < m.value < 20 for m in history)
     for name in ("train/grad_norm", "train/images_per_s", "train/kl_bpd", "train/recon_bpd",
-                 "train/kl_bpd/group_00", "eval/loss", "eval/kl_bpd/group_06"):
+                 "train/kl_bpd/group_00", "eval/loss", "eval/kl_bpd/group_06", "data/corrupt", "data/missing"):
         assert client.get_metric_history(run_id, name), name
     artifacts = {a.path for a in client.list_artifacts(run_id)}
     assert {"images", "encoder"} <= artifacts

@@ -1,0 +1,166 @@
+"""Who reads what, in which order: the epoch plan, computed identically on every rank and worker.
+
+Everything here is pure arithmetic on shard sample counts (from the manifest), so that
+
+* every sample goes to exactly one (rank, worker) per epoch, and every rank gets the same
+  number of batches even when the shards do not divide evenly (batches get slightly smaller
+  instead: DDP hangs when one rank runs out of batches before the others);
+* the shuffled order of a worker's samples is known before any byte is read. The shuffle is a
+  buffer shuffle over sample *positions* (what WebDataset's shuffle does to the samples
+  themselves), so it still streams; but a resumed run can compute which positions the first k
+  emissions used and skip them without decoding, and skip whole shards without opening them.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+
+import numpy as np
+
+from pipeline.data.streams import DataError
+
+
+@dataclass(frozen=True)
+class Shard:
+    url: str
+    samples: int | None  # None when no manifest says how many
+
+
+@dataclass
+class WorkerPlan:
+    """One (rank, worker)'s share of an epoch."""
+
+    shards: list[Shard]
+    samples: int
+    batch_sizes: list[int]  # consecutive batches of the emission order
+    # Computed only for the worker that asked (O(samples) each):
+    order: np.ndarray | None = None  # emission order: positions in the concatenation of ``shards``
+    flips: np.ndarray | None = None  # per position: mirror the image horizontally
+
+    @property
+    def shard_starts(self) -> list[int]:
+        return [0, *np.cumsum([s.samples for s in self.shards]).tolist()]
+
+
+def shard_order(n: int, seed: int, epoch: int, shuffle: bool) -> list[int]:
+    """The epoch's shard order; the same on every rank because the seed is shared."""
+    order = list(range(n))
+    if shuffle:
+        random.Random(f"shards-{seed}-{epoch}").shuffle(order)
+    return order
+
+
+def balance(counts: list[int], order: list[int], bins: int) -> list[list[int]]:
+    """Deal items (in ``order``) to ``bins``, each to the bin with the fewest samples so far."""
+    totals, dealt = [0] * bins, [[] for _ in range(bins)]
+    for item in order:
+        target = min(range(bins), key=lambda b: (totals[b], b))
+        dealt[target].append(item)
+        totals[target] += counts[item]
+    return dealt
+
+
+def buffer_shuffle(n: int, buffer_size: int, rng: np.random.Generator) -> np.ndarray:
+    """Positions 0..n-1 in the order a streaming shuffle buffer of ``buffer_size`` emits them:
+    fill the buffer, then emit a random element for every new one read, then drain."""
+    if n == 0:
+        return np.zeros(0, dtype=np.int64)
+    picks = rng.random(n)
+    buffer: list[int] = []
+    out = np.empty(n, dtype=np.int64)
+    emitted = 0
+    for position in range(n):
+        buffer.append(position)
+        if len(buffer) >= buffer_size:
+            k = int(picks[emitted] * len(buffer))
+            out[emitted] = buffer[k]
+            buffer[k] = buffer[-1]
+            buffer.pop()
+            emitted += 1
+    while buffer:
+        k = int(picks[emitted] * len(buffer))
+        out[emitted] = buffer[k]
+        buffer[k] = buffer[-1]
+        buffer.pop()
+        emitted += 1
+    return out
+
+
+def even_batches(n: int, batches: int) -> list[int]:
+    """Split n samples into ``batches`` batches whose sizes differ by at most one."""
+    return [n // batches + (i < n % batches) for i in range(batches)] if batches else []
+
+
+class PlanError(DataError):
+    """The shards cannot be dealt the way the config asks."""
+
+
+def epoch_plan(
+    shards: list[Shard],
+    *,
+    epoch: int,
+    seed: int,
+    rank: int,
+    world_size: int,
+    num_workers: int,
+    batch_size: int,
+    shuffle: bool,
+    shuffle_buffer: int,
+    hflip: bool,
+    order_for: int | None = None,
+) -> list[WorkerPlan]:
+    """The plans of every worker of ``rank`` for ``epoch`` (one entry when num_workers == 0);
+    the sample order and flips only for worker ``order_for``."""
+    if any(s.samples is None for s in shards):
+        raise PlanError("epoch mode needs the sample count of every shard: read the shards through their "
+                        "manifest.json (the shard writer makes one), or use data.mode=resampled")
+    counts = [s.samples for s in shards]
+    order = shard_order(len(shards), seed, epoch, shuffle)
+    workers = max(1, num_workers)
+    per_rank = balance(counts, order, world_size)
+    per_worker = [balance(counts, rank_shards, workers) for rank_shards in per_rank]
+    samples = [[sum(counts[i] for i in w) for w in r] for r in per_worker]
+    # Every rank must run the same number of batches: the largest need sets it.
+    target = max(sum(math.ceil(n / batch_size) for n in r) for r in samples)
+    for r, rank_samples in enumerate(samples):
+        if sum(rank_samples) < target:
+            raise PlanError(
+                f"rank {r} gets {sum(rank_samples)} samples but must run {target} batches: "
+                f"{len(shards)} shards are too few or too uneven for {world_size} processes x {workers} workers; "
+                "write smaller shards or use fewer workers"
+            )
+    batches = _batches_per_worker(samples[rank], batch_size, target)
+    plans = []
+    for w, shard_ids in enumerate(per_worker[rank]):
+        n = samples[rank][w]
+        plan = WorkerPlan([shards[i] for i in shard_ids], n, even_batches(n, batches[w]))
+        if w == order_for:
+            rng = np.random.default_rng([seed, epoch, rank, w, 0x5EED])
+            plan.order = buffer_shuffle(n, shuffle_buffer, rng) if shuffle else np.arange(n)
+            plan.flips = (rng.random(n) < 0.5) if hflip else np.zeros(n, dtype=bool)
+        plans.append(plan)
+    return plans
+
+
+def _batches_per_worker(samples: list[int], batch_size: int, target: int) -> list[int]:
+    """Batches per worker: ceil(n / batch_size) each, then extra (smaller) batches to the
+    workers with the fullest batches until the rank's total reaches ``target``."""
+    batches = [math.ceil(n / batch_size) for n in samples]
+    while sum(batches) < target:
+        w = max((w for w in range(len(samples)) if batches[w] < samples[w]), key=lambda w: samples[w] / max(batches[w], 1))
+        batches[w] += 1
+    return batches
+
+
+def batch_schedule(batches_per_worker: list[int]) -> list[tuple[int, int]]:
+    """The order in which a rank takes its workers' batches: (worker, batch index), round-robin
+    over the workers that still have batches (what torch's DataLoader does)."""
+    schedule, taken = [], [0] * len(batches_per_worker)
+    while len(schedule) < sum(batches_per_worker):
+        for w, total in enumerate(batches_per_worker):
+            if taken[w] < total:
+                schedule.append((w, taken[w]))
+                taken[w] += 1
+    return schedule

@@ -1,0 +1,124 @@
+"""Real servers on 127.0.0.1 for the tests: nginx for shards, and a deliberately flaky one."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port}")
+
+
+class Nginx:
+    """nginx serving ``root`` on 127.0.0.1; ``errors`` maps paths to HTTP status codes."""
+
+    def __init__(self, root: Path, workdir: Path, errors: dict[str, int] | None = None) -> None:
+        self.binary = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
+        self.port = free_port()
+        workdir.mkdir(parents=True, exist_ok=True)
+        error_locations = "".join(f"location = {path} {{ return {code}; }}\n" for path, code in (errors or {}).items())
+        user = "user root;" if os.geteuid() == 0 else ""  # as root, workers would drop to nobody
+        self.config = workdir / "nginx.conf"
+        self.config.write_text(f"""
+{user}
+daemon off;
+worker_processes 1;
+pid {workdir}/nginx.pid;
+error_log {workdir}/error.log;
+events {{ worker_connections 64; }}
+http {{
+    access_log off;
+    client_body_temp_path {workdir}/body;
+    proxy_temp_path {workdir}/proxy;
+    fastcgi_temp_path {workdir}/fastcgi;
+    uwsgi_temp_path {workdir}/uwsgi;
+    scgi_temp_path {workdir}/scgi;
+    server {{
+        listen 127.0.0.1:{self.port};
+        root {root};
+        {error_locations}
+    }}
+}}
+""")
+        self.workdir = workdir
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> "Nginx":
+        self.process = subprocess.Popen([self.binary, "-c", str(self.config), "-p", str(self.workdir)],
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+        try:
+            wait_for_port(self.port)
+        except TimeoutError:
+            self.process.kill()
+            raise RuntimeError(f"nginx did not start: {self.process.stderr.read().decode()}") from None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=10)
+
+
+class FlakyServer:
+    """Serves files from ``root`` but cuts the connection halfway through the body of the
+    paths in ``drops`` (path -> how many requests to cut; -1: every one)."""
+
+    def __init__(self, root: Path, drops: dict[str, int]) -> None:
+        self.root, self.drops, self.requests = root, dict(drops), []
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                server.requests.append(self.path)
+                file = server.root / self.path.lstrip("/")
+                if not file.is_file():
+                    self.send_error(404)
+                    return
+                body = file.read_bytes()
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                remaining = server.drops.get(self.path, 0)
+                if remaining != 0:
+                    server.drops[self.path] = remaining - 1 if remaining > 0 else -1
+                    self.wfile.write(body[: len(body) // 2])
+                    self.wfile.flush()
+                    self.connection.shutdown(socket.SHUT_RDWR)  # the connection drops mid-shard
+                    return
+                self.wfile.write(body)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+
+    def __enter__(self) -> "FlakyServer":
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
