@@ -54,6 +54,20 @@ class WorkerStats:
     not_decoded: int = 0  # samples passed over without decoding (resume)
 
 
+def decode_image(members: dict[str, bytes], mode: str, flip: bool = False) -> torch.Tensor:
+    """A sample's image member -> uint8 (C, H, W) in PIL ``mode`` ("L" or "RGB")."""
+    ext = next((e for e in IMAGE_EXTENSIONS if e in members), None)
+    if ext is None:
+        raise ValueError(f"no image member (has: {', '.join(members) or 'nothing'})")
+    with Image.open(io.BytesIO(members[ext])) as image:
+        pixels = np.array(image if image.mode == mode else image.convert(mode))  # writable, as torch wants
+    if pixels.ndim == 2:
+        pixels = pixels[:, :, None]
+    if flip:
+        pixels = np.ascontiguousarray(pixels[:, ::-1])
+    return torch.from_numpy(pixels).permute(2, 0, 1)
+
+
 def _worker() -> tuple[int, int]:
     info = get_worker_info()
     return (0, 1) if info is None else (info.id, info.num_workers)
@@ -133,20 +147,11 @@ class ShardDataset(IterableDataset):
             yield from self._resampled_batches(worker, start, self.batches_per_worker(self.epoch)[worker])
 
     def _decode(self, members: dict[str, bytes], flip: bool) -> torch.Tensor:
-        ext = next((e for e in IMAGE_EXTENSIONS if e in members), None)
-        if ext is None:
-            raise ValueError(f"no image member (has: {', '.join(members) or 'nothing'})")
-        with Image.open(io.BytesIO(members[ext])) as image:
-            pixels = np.array(image.convert(self.image_mode))  # a writable copy, as torch wants
-        if pixels.ndim == 2:
-            pixels = pixels[:, :, None]
-        if flip:
-            pixels = pixels[:, ::-1]
-        return torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1)
+        return decode_image(members, self.image_mode, flip)
 
     def _batch(self, images: list[torch.Tensor], keys: list[str], worker: int, index: int, stats: WorkerStats) -> dict[str, Any]:
-        shapes = {tuple(i.shape) for i in images}
-        if len(shapes) > 1:
+        if images and any(i.shape != images[0].shape for i in images):
+            shapes = {tuple(i.shape) for i in images}
             # One odd-sized image must not kill the batch: keep the most common size.
             common = max(shapes, key=lambda s: sum(tuple(i.shape) == s for i in images))
             odd = [k for i, k in zip(images, keys) if tuple(i.shape) != common]
@@ -170,10 +175,11 @@ class ShardDataset(IterableDataset):
         def is_lost(position: int) -> bool:
             return any(a <= position < b for a, b in lost)
 
+        flips = plan.flips.tolist()
         for index in range(start_batch, len(plan.batch_sizes)):
             images, keys = [], []
             for position in plan.order[offsets[index] : offsets[index + 1]].tolist():
-                while position not in pending and not is_lost(position):
+                while position not in pending and not (lost and is_lost(position)):
                     event = next(records, None)
                     if event is None:  # the reader ended: everything not read is lost
                         lost.append((0, len(plan.order)))
@@ -186,7 +192,7 @@ class ShardDataset(IterableDataset):
                     continue
                 url, key, members = pending.pop(position)
                 try:
-                    images.append(self._decode(members, bool(plan.flips[position])))
+                    images.append(self._decode(members, flips[position]))
                     keys.append(key)
                     stats.decoded += 1
                 except Exception as err:  # any decoder failure: skip, count, name it
