@@ -33,7 +33,7 @@ from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
 from pipeline.data.plan import Shard, WorkerPlan, batch_schedule, epoch_plan, even_batches
-from pipeline.data.streams import DataError, ShardStats, StreamOptions, read_shard
+from pipeline.data.streams import DataError, ShardStats, StreamOptions, prefetch, read_shard
 from pipeline.data.urls import resolve_shards
 
 log = logging.getLogger(__name__)
@@ -203,16 +203,18 @@ class ShardDataset(IterableDataset):
     def _records(self, plan: WorkerPlan, needed: set[int], stats: WorkerStats):
         """Events in reading order: ("sample", position, (url, key, members)) for needed
         samples and ("lost", (start, end)) for planned positions a shard failed to deliver."""
-        for shard, start in zip(plan.shards, plan.shard_starts):
+        for number, (shard, start) in enumerate(zip(plan.shards, plan.shard_starts)):
             end = start + shard.samples
             if not any(p in needed for p in range(start, end)):
                 stats.shards_skipped += 1
                 continue
+            if number + 1 < len(plan.shards):
+                prefetch(plan.shards[number + 1].url)
             shard_stats = ShardStats()
             stats.shards_opened += 1
             seen = 0
             wanted = lambda i, s=start: s + i in needed  # noqa: E731
-            for record in read_shard(shard.url, wanted, self.options, shard_stats, expected=shard.samples):
+            for record in read_shard(shard.url, wanted, self.options, shard_stats, shard.samples, IMAGE_EXTENSIONS):
                 if record.index >= shard.samples:
                     log.warning("shard %s has more samples than its manifest says (%d); ignoring '%s'",
                                 shard.url, shard.samples, record.key)
@@ -238,7 +240,7 @@ class ShardDataset(IterableDataset):
                 shard = rng.choice(self.shards)
                 shard_stats = ShardStats()
                 stats.shards_opened += 1
-                for record in read_shard(shard.url, lambda i: True, self.options, shard_stats, expected=shard.samples):
+                for record in read_shard(shard.url, lambda i: True, self.options, shard_stats, shard.samples, IMAGE_EXTENSIONS):
                     yield shard.url, record.key, record.members
                 stats.retries += shard_stats.retries
                 if shard_stats.failures:

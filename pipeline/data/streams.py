@@ -18,6 +18,7 @@ import http.client
 import io
 import json
 import logging
+import os
 import subprocess
 import time
 import urllib.parse
@@ -141,15 +142,20 @@ def _skip(stream: IO[bytes], n: int, seekable: bool) -> None:
 
 
 def _octal(field: bytes) -> int:
-    if field[0] & 0x80:  # GNU base-256 for sizes of 8 GiB and more
-        return int.from_bytes(field[1:], "big")
-    text = field.strip(b" \0")
-    return int(text, 8) if text else 0
+    try:
+        return int(field.strip(b" \0") or b"0", 8)
+    except ValueError:
+        if field[0] & 0x80:  # GNU base-256 for sizes of 8 GiB and more
+            return int.from_bytes(field[1:], "big")
+        raise
 
 
-def _records(stream: IO[bytes], seekable: bool, wanted: Callable[[int], bool]) -> Iterator[SampleRecord]:
+def _records(
+    stream: IO[bytes], seekable: bool, wanted: Callable[[int], bool], extensions: tuple[str, ...] | None = None
+) -> Iterator[SampleRecord]:
     """The samples of a tar stream: consecutive members sharing a key, in order; the member
-    bytes are read only for samples whose index is ``wanted`` (others are seeked past).
+    bytes are read only for samples whose index is ``wanted`` (others are seeked past), and
+    only for members whose extension is in ``extensions`` (all when None).
 
     Python's tarfile costs about as much per member as decoding a small PNG; this reads the
     512-byte headers directly (ustar, with GNU long names and pax ``path`` records).
@@ -191,7 +197,7 @@ def _records(stream: IO[bytes], seekable: bool, wanted: Callable[[int], bool]) -
                 yield SampleRecord(index, key, members)
             key, index = member_key, index + 1
             members = {} if wanted(index) else None
-        if members is not None:
+        if members is not None and (extensions is None or ext in extensions):
             members[ext] = _read_exact(stream, padded)[:size] if padded else b""
         else:
             _skip(stream, padded, seekable)
@@ -204,7 +210,12 @@ class ShortShard(OSError):
 
 
 def read_shard(
-    url: str, wanted: Callable[[int], bool], options: StreamOptions, stats: ShardStats, expected: int | None = None
+    url: str,
+    wanted: Callable[[int], bool],
+    options: StreamOptions,
+    stats: ShardStats,
+    expected: int | None = None,
+    extensions: tuple[str, ...] | None = None,
 ) -> Iterator[SampleRecord]:
     """The samples of one shard in order. A remote shard that fails (HTTP error, dropped
     connection, non-zero pipe exit, fewer than the ``expected`` samples) is re-opened up to
@@ -221,7 +232,7 @@ def read_shard(
                 seekable = not is_remote(url)
                 if url.endswith((".tar.gz", ".tgz")):
                     stream, seekable = gzip.GzipFile(fileobj=stream), False
-                for record in _records(stream, seekable, lambda i: i >= done and wanted(i)):
+                for record in _records(stream, seekable, lambda i: i >= done and wanted(i), extensions):
                     last_key = record.key
                     if record.index >= done:
                         done = record.index + 1
@@ -245,10 +256,20 @@ def read_shard(
             return
 
 
-def manifest_url_for(shard_url: str) -> str:
-    """Where a shard's manifest would sit: ``manifest.json`` in the same directory."""
-    head, _, _ = shard_url.rpartition("/")
-    return f"{head}/manifest.json" if head else "manifest.json"
+def prefetch(url: str) -> None:
+    """Ask the kernel to start reading a local shard into the page cache now, so that its
+    disk reads overlap with decoding the current shard (no memory of ours is used)."""
+    path = local_path(url)
+    if path is None or not hasattr(os, "posix_fadvise"):
+        return
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return  # a missing shard is reported when it is read
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+    finally:
+        os.close(fd)
 
 
 def local_path(url: str) -> Path | None:
