@@ -29,9 +29,12 @@ quickstart: install
 
 # The tests start real servers: nginx serves shards over HTTP. CI runs as root and installs it
 # from Debian; elsewhere install it yourself, or the HTTP tests are skipped (and say so).
+# Fashion-MNIST comes from ../shared/data beside the checkout, else from Debian's package.
 test: install
 	@if ! command -v nginx >/dev/null && [ "$$(id -u)" = 0 ]; then \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx >/dev/null; fi
+	@if [ ! -e ../shared/data/fashion-mnist ] && [ ! -e /usr/share/datasets/fashion-mnist ] && [ "$$(id -u)" = 0 ]; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null; fi
 	$(BIN)/python -m pytest -q -rs tests
 
 clean:

@@ -36,7 +36,11 @@ from pipeline.data.loader import EpochIterator, decode_image, make_loader
 from pipeline.data.shards import encode_png, prepare_image, write_dataset
 from pipeline.data.sources import read_idx
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "fashion-mnist" / "train-images-idx3-ubyte.gz"
+DATA = next(
+    (p / "train-images-idx3-ubyte.gz" for p in (Path(__file__).resolve().parents[2] / "shared" / "data" / "fashion-mnist",
+                                                 Path("/usr/share/datasets/fashion-mnist")) if p.exists()),
+    Path("../shared/data/fashion-mnist/train-images-idx3-ubyte.gz"),
+)  # ../shared beside the checkout, else Debian's dataset-fashion-mnist package
 
 
 def _decode_all(chunk: list[bytes]) -> int:

@@ -10,6 +10,13 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+# Real data: ../shared beside the checkout, else Debian's dataset-fashion-mnist package (which
+# `make test` installs when ../shared is absent). Missing data fails the tests that need it.
+FASHION_MNIST = next(
+    (p for p in (REPO.parent / "shared" / "data" / "fashion-mnist", Path("/usr/share/datasets/fashion-mnist"))
+     if (p / "t10k-images-idx3-ubyte.gz").exists()),
+    REPO.parent / "shared" / "data" / "fashion-mnist",
+)  # fmt: skip
 
 # A model small enough that a training step takes milliseconds on one CPU core, with the same
 # structure as the quickstart's (4 resolutions, one latent group per decoder block).

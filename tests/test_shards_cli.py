@@ -19,13 +19,12 @@ from PIL import Image
 
 from pipeline.data.shards import main, write_dataset
 from pipeline.data.sources import NumpyOnlyUnpickler
+from tests.conftest import FASHION_MNIST
 
 REPO = Path(__file__).resolve().parents[1]
-FASHION = Path(__file__).resolve().parents[2] / "shared" / "data" / "fashion-mnist"
+FASHION = FASHION_MNIST
 FASHION_IMAGES = FASHION / "t10k-images-idx3-ubyte.gz"
 LIMIT = 2000
-
-needs_fashion = pytest.mark.skipif(not FASHION_IMAGES.exists(), reason=f"no Fashion-MNIST at {FASHION}")
 
 
 def run_cli(*args: str | Path) -> subprocess.CompletedProcess:
@@ -96,14 +95,12 @@ def resize_and_crop(pixels: np.ndarray, size: int) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def fashion(tmp_path_factory):
-    if not FASHION_IMAGES.exists():
-        pytest.skip(f"no Fashion-MNIST at {FASHION}")
+    assert FASHION_IMAGES.exists(), f"no Fashion-MNIST at {FASHION} (nor in /usr/share/datasets)"
     out = tmp_path_factory.mktemp("fashion") / "a"
     args = ["--samples-per-shard", "300", "--heldout-fraction", "0.1", "--seed", "3", "--limit", str(LIMIT)]
     return out, run_ok(FASHION_IMAGES, out, *args), args
 
 
-@needs_fashion
 def test_fashion_mnist_manifest_counts_and_checksums_are_true(fashion):
     out, manifest, _ = fashion
     assert set(manifest["splits"]) == {"train", "heldout"}
@@ -127,7 +124,6 @@ def test_fashion_mnist_manifest_counts_and_checksums_are_true(fashion):
     )  # no temporary files left
 
 
-@needs_fashion
 def test_fashion_mnist_pixels_and_labels_survive_exactly(fashion):
     out, manifest, _ = fashion
     images = read_idx(FASHION_IMAGES)
@@ -146,7 +142,6 @@ def test_fashion_mnist_pixels_and_labels_survive_exactly(fashion):
     assert sorted(seen) == list(range(LIMIT))  # every image once, in one split only
 
 
-@needs_fashion
 def test_fashion_mnist_shards_read_through_webdataset(fashion):
     import webdataset as wds
 
@@ -157,7 +152,6 @@ def test_fashion_mnist_shards_read_through_webdataset(fashion):
     assert {"png", "json"} <= set(samples[0])
 
 
-@needs_fashion
 def test_fashion_mnist_rerun_and_two_workers_give_identical_bytes(fashion, tmp_path):
     _, first, args = fashion
     again = run_ok(FASHION_IMAGES, tmp_path / "b", *args)
@@ -167,7 +161,6 @@ def test_fashion_mnist_rerun_and_two_workers_give_identical_bytes(fashion, tmp_p
     assert again["splits"] == first["splits"] == parallel["splits"]  # names, counts and sizes too
 
 
-@needs_fashion
 def test_bytes_per_shard_is_a_bound(tmp_path):
     bound = 60_000
     manifest = run_ok(FASHION_IMAGES, tmp_path, "--bytes-per-shard", str(bound), "--limit", "1500", "--name", "fm")
@@ -181,7 +174,6 @@ def test_bytes_per_shard_is_a_bound(tmp_path):
     assert all(s["bytes"] > bound - 12_000 for s in shards[:-1])
 
 
-@needs_fashion
 def test_a_sample_larger_than_the_bound_gets_a_shard_of_its_own(tmp_path):
     # No tar is smaller than 10 KiB (tarfile pads to a 10 KiB record), so each sample overflows.
     manifest = run_ok(FASHION_IMAGES, tmp_path, "--bytes-per-shard", "5000", "--limit", "4")
