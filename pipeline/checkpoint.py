@@ -2,6 +2,7 @@
 
     <run_dir>/checkpoints/step_000200/
         model.safetensors       the weights (the model config rides in the metadata)
+        ema.safetensors         their exponential moving average
         optimizer.safetensors   optimizer tensors; everything else of its state_dict as JSON
                                 in the file's metadata
         state.json              step, data position and RNG per rank, scheduler, config, ...
@@ -28,7 +29,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 CHECKPOINT_DIR = re.compile(r"^step_(\d{6,})$")
-MODEL_FILE, OPTIMIZER_FILE, STATE_FILE = "model.safetensors", "optimizer.safetensors", "state.json"
+MODEL_FILE, EMA_FILE, OPTIMIZER_FILE, STATE_FILE = "model.safetensors", "ema.safetensors", "optimizer.safetensors", "state.json"
 
 
 def checkpoint_name(step: int) -> str:
@@ -124,6 +125,7 @@ def save_checkpoint(
     state: dict[str, Any],
     keep_last: int,
     model_metadata: dict[str, str] | None = None,
+    ema_state: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write ``step_<step>`` atomically under ``root``; prune to the newest ``keep_last``."""
     root = Path(root)
@@ -135,6 +137,8 @@ def save_checkpoint(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     save_file({k: v.detach().contiguous().cpu() for k, v in model_state.items()}, tmp / MODEL_FILE, metadata=model_metadata)
+    if ema_state is not None:
+        save_file({k: v.detach().contiguous().cpu() for k, v in ema_state.items()}, tmp / EMA_FILE, metadata=model_metadata)
     tensors, rest = flatten_optimizer_state(optimizer_state)
     save_file(tensors, tmp / OPTIMIZER_FILE, metadata={"rest": json.dumps(rest)})
     (tmp / STATE_FILE).write_text(json.dumps({"step": step, **state}, indent=1) + "\n")
@@ -150,6 +154,12 @@ def save_checkpoint(
         os.rename(old, trash)
         shutil.rmtree(trash, ignore_errors=True)
     return final
+
+
+def load_ema(path: str | Path) -> dict[str, torch.Tensor] | None:
+    """The averaged weights of a checkpoint, if it has them."""
+    file = Path(path) / EMA_FILE
+    return load_file(file) if file.exists() else None
 
 
 def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:

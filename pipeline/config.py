@@ -94,9 +94,16 @@ class ModelConfig:
     up-samples the state of resolution S to R (nearest) and merges it in, then is one block."""
     likelihood: Literal["discretized_logistic"] = "discretized_logistic"
     """Pixel likelihood p(x|z): a discretized logistic per sub-pixel on 8-bit data."""
+    log_std_clamp: float = 5.0
+    """Soft clamp of the prior's and posterior's log standard deviations, c * tanh(x / c)
+    (NVAE): keeps exp() finite early in training without cutting gradients. 0: off."""
+    grad_checkpoint: bool = False
+    """Recompute each residual block's activations in the backward pass instead of storing
+    them: less memory, about a third more compute, the same gradients."""
 
     def __post_init__(self) -> None:
         _check_positive(self, "resolution", "width", "latent_channels")
+        _check_non_negative(self, "log_std_clamp")
         if self.channels not in (1, 3):
             raise ConfigError(f"model.channels: must be 1 or 3, got {self.channels}")
         if not 0 < self.bottleneck_ratio <= 1:
@@ -140,6 +147,31 @@ class OptimConfig:
         for name in ("beta1", "beta2"):
             if not 0 <= getattr(self, name) < 1:
                 raise ConfigError(f"optim.{name}: must be in [0, 1), got {getattr(self, name)}")
+
+
+@dataclass
+class ObjectiveConfig:
+    kl_warmup_steps: int = 0
+    """Steps over which the KL term's weight rises linearly from 0 to 1 (0: weight 1 from the
+    start). Only the training objective is weighted; the reported ELBO never is."""
+    free_bits: float = 0.0
+    """Free bits per latent group (Kingma et al. 2016): a group's batch-mean KL below this many
+    bits per image is not penalised, so the encoder may use it instead of collapsing it."""
+    skip_threshold: float = 0.0
+    """Skip the update when the gradient norm exceeds this (VDVAE: 400 for CIFAR-10); 0: only
+    non-finite gradients are skipped. Skips are counted and logged."""
+    max_consecutive_skips: int = 50
+    """Stop with a clear error after this many skipped updates in a row, instead of spinning
+    without learning."""
+    ema_decay: float = 0.9999
+    """Decay of the exponential moving average of the weights used for evaluation and export;
+    warmed up as min(decay, (1 + step) / (10 + step)) so short runs are not stuck at init."""
+
+    def __post_init__(self) -> None:
+        _check_non_negative(self, "kl_warmup_steps", "free_bits", "skip_threshold")
+        _check_positive(self, "max_consecutive_skips")
+        if not 0 <= self.ema_decay < 1:
+            raise ConfigError(f"objective.ema_decay: must be in [0, 1), got {self.ema_decay}")
 
 
 @dataclass
@@ -197,6 +229,7 @@ class TrackingConfig:
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)

@@ -32,20 +32,45 @@ def nats_to_bits_per_dim(nats_per_image: torch.Tensor, dims: int) -> torch.Tenso
     return nats_per_image / (dims * math.log(2.0))
 
 
-def negative_elbo(recon_nats: torch.Tensor, kl_nats_per_group: list[torch.Tensor], dims: int) -> dict[str, torch.Tensor]:
+def negative_elbo(
+    recon_nats: torch.Tensor,
+    kl_nats_per_group: list[torch.Tensor],
+    dims: int,
+    kl_weight: float = 1.0,
+    free_bits: float = 0.0,
+) -> dict[str, torch.Tensor]:
     """Assemble the loss from per-image parts.
 
     recon_nats: (N,) -log p(x|z); kl_nats_per_group: one (N,) tensor per latent group;
-    dims: sub-pixels per image. Returns batch means in bits/dim: ``loss`` (with gradients),
-    ``recon_bpd``, ``kl_bpd`` and ``kl_bpd_per_group`` (G,) (detached, for logging).
+    dims: sub-pixels per image. Returns batch means in bits/dim: ``loss``, the training
+    objective (with gradients), and, detached for logging, ``nelbo`` (the true bound:
+    recon + KL, whatever the weight and free bits), ``recon_bpd``, ``kl_bpd`` and
+    ``kl_bpd_per_group`` (G,).
+
+    ``kl_weight`` scales the KL in the objective (warm-up). ``free_bits``: a group whose
+    batch-mean KL is below this many bits per image contributes that floor instead, with no
+    gradient pushing it lower (Kingma et al. 2016, eq. 15).
     """
     kl_per_group = torch.stack(kl_nats_per_group, dim=1)  # (N, G)
     recon_bpd = nats_to_bits_per_dim(recon_nats, dims).mean()
     kl_bpd_per_group = nats_to_bits_per_dim(kl_per_group, dims).mean(0)
-    loss = recon_bpd + kl_bpd_per_group.sum()
+    penalised = kl_bpd_per_group.clamp_min(free_bits / dims) if free_bits > 0 else kl_bpd_per_group
+    loss = recon_bpd + kl_weight * penalised.sum()
+    kl_bpd = kl_bpd_per_group.sum().detach()
     return {
         "loss": loss,
+        "nelbo": recon_bpd.detach() + kl_bpd,
         "recon_bpd": recon_bpd.detach(),
-        "kl_bpd": kl_bpd_per_group.sum().detach(),
+        "kl_bpd": kl_bpd,
         "kl_bpd_per_group": kl_bpd_per_group.detach(),
     }
+
+
+def soft_clamp(x: torch.Tensor, limit: float) -> torch.Tensor:
+    """limit * tanh(x / limit): the identity near 0, never beyond +-limit, smooth everywhere."""
+    return limit * torch.tanh(x / limit) if limit > 0 else x
+
+
+def kl_warmup_weight(step: int, warmup_steps: int) -> float:
+    """Weight of the KL term at ``step``: rises linearly to 1 over ``warmup_steps`` (0: always 1)."""
+    return min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0

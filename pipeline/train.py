@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     from accelerate import Accelerator
 
     from pipeline.data.streams import DataError
-    from pipeline.trainer import Trainer
+    from pipeline.trainer import Trainer, TrainingStalled
 
     accelerator = Accelerator(
         mixed_precision=cfg.train.mixed_precision,
@@ -61,6 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     except DataError as err:
         print(f"data error: {err}", file=sys.stderr)
         return 3
+    except TrainingStalled as err:
+        print(f"training stalled: {err}", file=sys.stderr)
+        return 4
     finally:
         trainer.close(status)
         accelerator.end_training()

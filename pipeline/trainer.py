@@ -27,6 +27,7 @@ from pipeline.checkpoint import (
     capture_rng,
     latest_checkpoint,
     load_checkpoint,
+    load_ema,
     remove_stale_temporaries,
     restore_rng,
     save_checkpoint,
@@ -35,9 +36,11 @@ from pipeline.config import Config, config_from_dict
 from pipeline.data.builtin import ensure_builtin_dataset
 from pipeline.data.loader import EpochIterator, make_loader
 from pipeline.data.streams import StreamOptions
+from pipeline.ema import EMA
 from pipeline.encoder import Encoder
 from pipeline.images import sample_and_reconstruction_grid
 from pipeline.model import VAE
+from pipeline.objective import kl_warmup_weight
 from pipeline.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -53,6 +56,10 @@ def lr_factor(cfg: Config, step: int) -> float:
     progress = min(1.0, (step - warmup) / max(1, cfg.train.steps - warmup))
     floor = cfg.optim.min_lr_ratio
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class TrainingStalled(RuntimeError):
+    """Training cannot make progress (e.g. every update is being skipped)."""
 
 
 class Trainer:
@@ -74,6 +81,8 @@ class Trainer:
         # The data loaders are not prepared: the pipeline already splits shards by rank, and
         # Accelerate's dispatching would split our batches a second time.
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
+        self.ema = EMA(accelerator.unwrap_model(self.model), cfg.objective.ema_decay)
+        self.consecutive_skips = 0
         set_seed(cfg.train.seed + accelerator.process_index)  # different latent noise per rank
 
         train_urls, eval_urls = self._data_urls()
@@ -128,6 +137,7 @@ class Trainer:
         if dataclasses.asdict(saved.model) != dataclasses.asdict(self.cfg.model):
             raise SystemExit(f"{latest} was trained with a different model config; use a new train.run_dir")
         self.accelerator.unwrap_model(self.model).load_state_dict(model_state)
+        self.ema.load_state_dict(load_ema(latest) or model_state)
         self.optimizer.load_state_dict(optimizer_state)
         self.scheduler.load_state_dict(state["scheduler"])
         self.step, self.skipped_updates = state["step"], state["skipped_updates"]
@@ -176,6 +186,8 @@ class Trainer:
                     "train/images_per_s": images / elapsed,
                     "train/lr": self.scheduler.get_last_lr()[0],
                     "train/skipped_updates": self.skipped_updates,
+                    "train/kl_weight": self.kl_weight(),
+                    "train/ema_decay": self.ema.decay_at(self.step),
                     "train/epoch": self.train_batches.epoch,
                 }
                 self.tracker.log_metrics(metrics, self.step)
@@ -196,30 +208,48 @@ class Trainer:
         summary = {"step": self.step, "first_eval": self.first_eval, "final_eval": final, "mlflow_run_id": self.tracker.run_id}
         if self.is_main:
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-            log.info("held-out bits/dim: %.3f at the start, %.3f now (step %d)",
-                     self.first_eval["eval/loss"], final["eval/loss"], self.step)
+            log.info("held-out bits/dim: %.3f at the start, %.3f now, %.3f with the EMA weights (step %d)",
+                     self.first_eval["eval/loss"], final["eval/loss"], final["eval_ema/loss"], self.step)
         return summary
+
+    def kl_weight(self) -> float:
+        """The KL term's weight in the objective at this step (linear warm-up)."""
+        return kl_warmup_weight(self.step, self.cfg.objective.kl_warmup_steps)
 
     def train_step(self) -> dict[str, torch.Tensor] | None:
         """One micro-batch; returns detached stats when an optimizer update happened."""
+        objective = self.cfg.objective
         batch = next(self.train_batches)
         with self.accelerator.accumulate(self.model):
-            out = self.model(batch["image"].to(self.accelerator.device, non_blocking=True))
+            images = batch["image"].to(self.accelerator.device, non_blocking=True)
+            out = self.model(images, kl_weight=self.kl_weight(), free_bits=objective.free_bits)
             self.accelerator.backward(out["loss"])
             if not self.accelerator.sync_gradients:
                 return None
             grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
             # The norm is computed from all-reduced gradients, so every rank takes the same
-            # decision here and the replicas stay identical.
-            if torch.isfinite(grad_norm):
+            # decision here and the replicas stay identical (VDVAE's update skipping).
+            skip = not torch.isfinite(grad_norm) or (0 < objective.skip_threshold < grad_norm.item())
+            if skip:
+                self.skipped_updates += 1
+                self.consecutive_skips += 1
+                if self.consecutive_skips >= objective.max_consecutive_skips:
+                    raise TrainingStalled(
+                        f"the last {self.consecutive_skips} updates were all skipped (grad norm {grad_norm.item():.4g}, "
+                        f"objective.skip_threshold={objective.skip_threshold}): the model is not learning. Raise "
+                        "objective.skip_threshold, lower optim.lr, or resume from an earlier checkpoint"
+                    )
+            else:
                 self.optimizer.step()
                 self.scheduler.step()
-            else:
-                self.skipped_updates += 1
+                self.consecutive_skips = 0
             self.optimizer.zero_grad(set_to_none=True)
+        if not skip:
+            self.ema.update(self.accelerator.unwrap_model(self.model), self.step)
         stats = {k: v.detach() for k, v in out.items() if k != "kl_bpd_per_group"}
         stats |= {f"kl_bpd/group_{i:02d}": v for i, v in enumerate(out["kl_bpd_per_group"])}
         stats["grad_norm"] = grad_norm.detach().float()
+        stats["skip_rate"] = torch.tensor(float(skip), device=grad_norm.device)  # averaged over the log interval
         return stats
 
     def _mean_over_processes(self, sums: dict[str, torch.Tensor], count: int) -> dict[str, float]:
@@ -236,10 +266,22 @@ class Trainer:
         totals = self.accelerator.reduce(totals, reduction="sum")
         return {f"data/{k}": v for k, v in zip(keys, totals.tolist())}
 
-    @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Negative ELBO on the whole held-out split (or ``train.eval_batches`` per process)."""
+        """Held-out figures of the live weights (``eval/...``) and of their moving average
+        (``eval_ema/...``), side by side: early on the average lags, later it is better."""
         model = self.accelerator.unwrap_model(self.model)
+        metrics = self._evaluate(model, "eval")
+        with self.ema.applied(model):
+            metrics |= self._evaluate(model, "eval_ema")
+        if self.is_main:
+            tqdm.write(f"step {self.step}: held-out {metrics['eval/loss']:.4f} bits/dim "
+                       f"(reconstruction {metrics['eval/recon_bpd']:.4f} + KL {metrics['eval/kl_bpd']:.4f}); "
+                       f"EMA weights {metrics['eval_ema/loss']:.4f}")
+        return metrics
+
+    @torch.no_grad()
+    def _evaluate(self, model: VAE, prefix: str) -> dict[str, float]:
+        """Negative ELBO on the whole held-out split (or ``train.eval_batches`` per process)."""
         model.eval()
         totals = torch.zeros(3 + model.num_groups, device=self.accelerator.device)
         for i, batch in enumerate(self.eval_loader):
@@ -257,13 +299,10 @@ class Trainer:
         totals = self.accelerator.reduce(totals, reduction="sum")
         count = totals[0].clamp_min(1)
         recon, kl, per_group = totals[1] / count, totals[2] / count, totals[3:] / count
-        metrics = {"eval/loss": (recon + kl).item(), "eval/recon_bpd": recon.item(), "eval/kl_bpd": kl.item(),
-                   "eval/images": totals[0].item()}
-        metrics |= {f"eval/kl_bpd/group_{i:02d}": v for i, v in enumerate(per_group.tolist())}
+        metrics = {"loss": (recon + kl).item(), "recon_bpd": recon.item(), "kl_bpd": kl.item(), "images": totals[0].item()}
+        metrics |= {f"kl_bpd/group_{i:02d}": v for i, v in enumerate(per_group.tolist())}
+        metrics = {f"{prefix}/{k}": v for k, v in metrics.items()}
         self.tracker.log_metrics(metrics, self.step)
-        if self.is_main:
-            tqdm.write(f"step {self.step}: held-out {metrics['eval/loss']:.4f} bits/dim "
-                       f"(reconstruction {metrics['eval/recon_bpd']:.4f} + KL {metrics['eval/kl_bpd']:.4f})")
         return metrics
 
     def log_images(self) -> None:
@@ -272,7 +311,8 @@ class Trainer:
         model = self.accelerator.unwrap_model(self.model)
         model.eval()
         real = next(iter(self.eval_loader))["image"].to(self.accelerator.device)
-        path = sample_and_reconstruction_grid(model, real, self.run_dir / "images" / f"step_{self.step:06d}.png")
+        with self.ema.applied(model):
+            path = sample_and_reconstruction_grid(model, real, self.run_dir / "images" / f"step_{self.step:06d}.png")
         model.train()
         self.tracker.log_artifact(path, "images")
 
@@ -300,6 +340,7 @@ class Trainer:
                 self.checkpoint_dir, self.step, model.state_dict(), self.optimizer.state_dict(), state,
                 keep_last=self.cfg.checkpoint.keep_last,
                 model_metadata={"model_config": json.dumps(dataclasses.asdict(self.cfg.model))},
+                ema_state=self.ema.state_dict(),
             )
             log.info("saved %s", path)
         acc.wait_for_everyone()
@@ -308,7 +349,9 @@ class Trainer:
         if not self.is_main:
             return
         directory = self.run_dir / "encoder"
-        Encoder.from_vae(self.accelerator.unwrap_model(self.model)).save_pretrained(directory)
+        model = self.accelerator.unwrap_model(self.model)
+        with self.ema.applied(model):  # the averaged weights are the better encoder
+            Encoder.from_vae(model).save_pretrained(directory)
         self.tracker.log_artifact(directory, "encoder")
         log.info("exported the encoder to %s", directory)
 

@@ -8,7 +8,7 @@ from mlflow import MlflowClient
 from safetensors.torch import load_file
 
 from pipeline import Encoder
-from pipeline.checkpoint import list_checkpoints, load_checkpoint
+from pipeline.checkpoint import list_checkpoints, load_checkpoint, load_ema
 from pipeline.config import config_from_dict
 from pipeline.model import VAE
 
@@ -88,8 +88,10 @@ def test_mlflow_run_holds_params_metrics_and_artifacts(resumed_run):
     history = client.get_metric_history(run_id, "train/loss")
     assert sorted(m.step for m in history) == [1, 2, 3, 4, 5, 6]
     assert all(0 < m.value < 20 for m in history)
+    assert (run_dir / "checkpoints" / "step_000006" / "ema.safetensors").exists()
     for name in ("train/grad_norm", "train/images_per_s", "train/kl_bpd", "train/recon_bpd",
-                 "train/kl_bpd/group_00", "eval/loss", "eval/kl_bpd/group_06", "data/corrupt", "data/missing"):
+                 "train/kl_bpd/group_00", "eval/loss", "eval/kl_bpd/group_06", "data/corrupt", "data/missing",
+                 "train/nelbo", "train/kl_weight", "train/skip_rate", "eval_ema/loss", "eval_ema/kl_bpd/group_06"):
         assert client.get_metric_history(run_id, name), name
     artifacts = {a.path for a in client.list_artifacts(run_id)}
     assert {"images", "encoder"} <= artifacts
@@ -112,9 +114,9 @@ def test_exported_encoder_loads_in_one_call_and_matches_the_checkpoint(resumed_r
     latents = encoder(images)
     assert [tuple(z.shape) for z in latents] == [(5, *shape) for shape in encoder.latent_shapes]
 
-    model_state, _, state = load_checkpoint(run_dir / "checkpoints" / "step_000006")
+    _, _, state = load_checkpoint(run_dir / "checkpoints" / "step_000006")
     vae = VAE(config_from_dict(state["config"]).model)
-    vae.load_state_dict(model_state)
+    vae.load_state_dict(load_ema(run_dir / "checkpoints" / "step_000006"))  # the export holds the EMA weights
     expected = Encoder.from_vae(vae.eval())(images)
     assert all(torch.equal(a, b) for a, b in zip(latents, expected))
 

@@ -16,11 +16,20 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
 
 from pipeline.config import ModelConfig
 from pipeline.model.blocks import DecoderBlockSpec, ResidualBlock, parse_decoder_blocks, parse_encoder_blocks
 from pipeline.model.likelihood import DiscretizedLogistic, to_unit_range
-from pipeline.objective import gaussian_kl, negative_elbo
+from pipeline.objective import gaussian_kl, negative_elbo, soft_clamp
+
+
+def _run(block: nn.Module, grad_checkpoint: bool, *args):
+    """Call a block, through activation checkpointing when training asks for it. The RNG state
+    is replayed in the recomputation, so posterior samples (and gradients) are unchanged."""
+    if grad_checkpoint and torch.is_grad_enabled():
+        return checkpoint(block, *args, use_reentrant=False)
+    return block(*args)
 
 
 def _hidden(cfg: ModelConfig) -> int:
@@ -33,6 +42,7 @@ class BottomUp(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         specs = parse_encoder_blocks(cfg.encoder_blocks, cfg.resolution)
+        self.grad_checkpoint = cfg.grad_checkpoint
         self.stem = nn.Conv2d(cfg.channels, cfg.width, 3, padding=1)
         scale = 1.0 / math.sqrt(len(specs))
         self.blocks = nn.ModuleList(
@@ -45,7 +55,7 @@ class BottomUp(nn.Module):
         h = self.stem(x)
         features = {h.shape[-1]: h}
         for block in self.blocks:
-            h = block(h)
+            h = _run(block, self.grad_checkpoint, h)
             features[h.shape[-1]] = h  # the last block at each resolution wins
         return features
 
@@ -69,6 +79,7 @@ class TopDownBlock(nn.Module):
         self.resolution = spec.resolution
         self.merge_from = spec.merge_from
         self.latent_channels = z
+        self.log_std_clamp = cfg.log_std_clamp
         scale = 1.0 / math.sqrt(n_blocks)
         self.posterior = ResidualBlock(2 * w, h, 2 * z, spec.resolution, residual=False)
         # The prior also emits an update of the state, so the state can carry what z_<i said.
@@ -90,11 +101,13 @@ class TopDownBlock(nn.Module):
         prior_mean, prior_log_std, state_update = self.prior(state).split(
             [self.latent_channels, self.latent_channels, state.shape[1]], dim=1
         )
+        prior_log_std = soft_clamp(prior_log_std, self.log_std_clamp)
         if features is None:
             z = prior_mean if use_mean else prior_mean + temperature * torch.exp(prior_log_std) * torch.randn_like(prior_mean)
             out = GroupOutput(z, None, None, None)
         else:
             post_mean, post_log_std = self.posterior(torch.cat([state, features], dim=1)).chunk(2, dim=1)
+            post_log_std = soft_clamp(post_log_std, self.log_std_clamp)
             z = post_mean if use_mean else post_mean + torch.exp(post_log_std) * torch.randn_like(post_mean)
             kl = gaussian_kl(post_mean.float(), post_log_std.float(), prior_mean.float(), prior_log_std.float())
             out = GroupOutput(z, kl.flatten(1).sum(1), post_mean, post_log_std)
@@ -111,6 +124,7 @@ class TopDown(nn.Module):
         specs = parse_decoder_blocks(cfg.decoder_blocks, cfg.resolution)
         self.width = cfg.width
         self.resolution = cfg.resolution
+        self.grad_checkpoint = cfg.grad_checkpoint
         self.blocks = nn.ModuleList(TopDownBlock(s, cfg, len(specs)) for s in specs)
         # A learned starting state per resolution (VDVAE's bias_xs); keys must be strings.
         self.initial_state = nn.ParameterDict(
@@ -136,7 +150,8 @@ class TopDown(nn.Module):
             if block.merge_from is not None:
                 low = states[block.merge_from]
                 state = state + F.interpolate(low, scale_factor=block.resolution // block.merge_from, mode="nearest")
-            state, group = block(state, None if features is None else features[block.resolution], t, use_mean)
+            block_features = None if features is None else features[block.resolution]
+            state, group = _run(block, self.grad_checkpoint, state, block_features, t, use_mean)
             states[block.resolution] = state
             groups.append(group)
         return states[self.resolution], groups
@@ -156,13 +171,14 @@ class VAE(nn.Module):
     def num_groups(self) -> int:
         return len(self.top_down.blocks)
 
-    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        """images: uint8 (N, C, H, W). Returns ``loss`` (negative ELBO, bits/dim, scalar),
-        ``recon_bpd``, ``kl_bpd``, ``kl_bpd_per_group`` (G,)."""
+    def forward(self, images: torch.Tensor, kl_weight: float = 1.0, free_bits: float = 0.0) -> dict[str, torch.Tensor]:
+        """images: uint8 (N, C, H, W). Returns ``loss`` (the training objective, bits/dim),
+        ``nelbo`` (the negative ELBO, bits/dim), ``recon_bpd``, ``kl_bpd``, ``kl_bpd_per_group``
+        (G,); see ``objective.negative_elbo`` for the weight and free bits."""
         x = to_unit_range(images)
         state, groups = self.top_down(self.bottom_up(x), x.shape[0])
         recon_nats = self.likelihood.nll(state, x)
-        return negative_elbo(recon_nats, [g.kl for g in groups], dims=x[0].numel())
+        return negative_elbo(recon_nats, [g.kl for g in groups], x[0].numel(), kl_weight, free_bits)
 
     @torch.no_grad()
     def reconstruct(self, images: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,48 @@
+"""An exponential moving average of the weights: what evaluation, samples and export use."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+
+class EMA:
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.shadow = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    def decay_at(self, step: int) -> float:
+        # Warm-up: with 0.9999 from step 0, the average would sit at the initial weights for
+        # thousands of steps, and a short run would evaluate an untrained model.
+        return min(self.decay, (1 + step) / (10 + step))
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, step: int) -> None:
+        keep = self.decay_at(step)
+        for key, value in model.state_dict().items():
+            if value.dtype.is_floating_point:
+                self.shadow[key].lerp_(value.detach(), 1 - keep)
+            else:
+                self.shadow[key].copy_(value)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.shadow
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        if state.keys() != self.shadow.keys():
+            raise KeyError(f"EMA state does not match the model: {sorted(state.keys() ^ self.shadow.keys())[:5]}")
+        for key, value in state.items():
+            self.shadow[key].copy_(value)
+
+    @contextmanager
+    def applied(self, model: nn.Module) -> Iterator[nn.Module]:
+        """The model with the averaged weights inside the block, its own weights after."""
+        live = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        model.load_state_dict(self.shadow)
+        try:
+            yield model
+        finally:
+            model.load_state_dict(live)
