@@ -92,8 +92,18 @@ class ModelConfig:
     decoder_blocks: str = "4x2,8m4,8x2,16m8,16x2,32m16,32x2"
     """Top-down blocks: ``RxN`` is N latent-group blocks at resolution R, ``RmS`` first
     up-samples the state of resolution S to R (nearest) and merges it in, then is one block."""
-    likelihood: Literal["discretized_logistic"] = "discretized_logistic"
-    """Pixel likelihood p(x|z): a discretized logistic per sub-pixel on 8-bit data."""
+    likelihood: Literal["logistic_mixture", "discretized_logistic", "discretized_gaussian", "bernoulli"] = (
+        "logistic_mixture"
+    )
+    """Pixel likelihood p(x|z), always a distribution over the data's discrete values:
+    ``logistic_mixture`` (VDVAE/PixelCNN++: K logistics per pixel, RGB channels conditioned on
+    each other), ``discretized_logistic`` or ``discretized_gaussian`` (one per sub-pixel), or
+    ``bernoulli`` (binarised data, ``data_bits=1``)."""
+    mixtures: int = 10
+    """Components of the logistic mixture."""
+    data_bits: int = 8
+    """Bits per sub-pixel the model sees: 8, 5 (VDVAE's FFHQ-256), ... 1 for ``bernoulli``. uint8
+    images are reduced to their top ``data_bits`` bits; bits/dim are per sub-pixel either way."""
     log_std_clamp: float = 5.0
     """Soft clamp of the prior's and posterior's log standard deviations, c * tanh(x / c)
     (NVAE): keeps exp() finite early in training without cutting gradients. 0: off."""
@@ -106,6 +116,12 @@ class ModelConfig:
         _check_non_negative(self, "log_std_clamp")
         if self.channels not in (1, 3):
             raise ConfigError(f"model.channels: must be 1 or 3, got {self.channels}")
+        _check_positive(self, "mixtures")
+        if (self.likelihood == "bernoulli") != (self.data_bits == 1) or not 1 <= self.data_bits <= 8:
+            raise ConfigError(
+                f"model.data_bits: {self.data_bits} does not fit model.likelihood={self.likelihood!r}: "
+                "bernoulli needs data_bits=1, the others 2..8"
+            )
         if not 0 < self.bottleneck_ratio <= 1:
             raise ConfigError(f"model.bottleneck_ratio: must be in (0, 1], got {self.bottleneck_ratio}")
         # Parsing here makes a malformed block string fail at start, not at model build.

@@ -45,7 +45,7 @@ class Encoder(nn.Module):
     def forward(self, images: torch.Tensor, sample: bool = False) -> list[torch.Tensor]:
         """images: uint8 (N, C, H, W) in 0..255, or float already in [-1, 1].
         Returns one (N, Z, r, r) tensor per latent group: posterior means (or samples)."""
-        x = to_unit_range(images.to(next(self.parameters()).device))
+        x = to_unit_range(images.to(next(self.parameters()).device), self.cfg.data_bits)
         _, groups = self.top_down(self.bottom_up(x), x.shape[0], use_mean=not sample)
         return [g.z for g in groups]
 

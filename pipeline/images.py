@@ -11,9 +11,10 @@ from PIL import Image
 from pipeline.model.likelihood import to_uint8
 
 
-def save_grid(rows: list[torch.Tensor], path: str | Path, scale: int = 2) -> Path:
-    """Each row: (N, C, H, W) in [-1, 1] or uint8; rows of equal N are stacked top to bottom."""
-    tiles = torch.stack([row.cpu() if row.dtype == torch.uint8 else to_uint8(row.float().cpu()) for row in rows])
+def save_grid(rows: list[torch.Tensor], path: str | Path, scale: int = 2, bits: int = 8) -> Path:
+    """Each row: (N, C, H, W) in [-1, 1] (``bits``-bit data) or uint8; rows of equal N are
+    stacked top to bottom."""
+    tiles = torch.stack([row.cpu() if row.dtype == torch.uint8 else to_uint8(row.float().cpu(), bits) for row in rows])
     grid = rearrange(tiles, "r n c h w -> (r h) (n w) c").numpy()
     image = Image.fromarray(grid.squeeze(-1) if grid.shape[-1] == 1 else grid)
     if scale > 1:
@@ -30,5 +31,5 @@ def sample_and_reconstruction_grid(model, real: torch.Tensor, path: str | Path, 
     real = real[:per_row]
     n = real.shape[0]
     rows = [real, model.reconstruct(real), model.sample(n, 1.0), model.sample(n, 0.8)]
-    return save_grid(rows, path)
+    return save_grid(rows, path, bits=model.cfg.data_bits)
 

@@ -12,7 +12,7 @@ from pipeline.config import load_config
 from pipeline.ema import EMA
 from pipeline.model import VAE
 from pipeline.objective import kl_warmup_weight, negative_elbo, soft_clamp
-from tests.conftest import TINY_MODEL
+from tests.conftest import REPO, TINY_MODEL
 
 DIMS = 3 * 32 * 32
 
@@ -80,7 +80,7 @@ def test_skipped_updates_leave_the_weights_alone_and_are_counted(tmp_path, launc
     launch(run_dir, "train.steps=3", "objective.skip_threshold=1e-9", "objective.max_consecutive_skips=100")
     trained = load_file(run_dir / "checkpoints" / "step_000003" / "model.safetensors")
     torch.manual_seed(0)  # what accelerate's set_seed(train.seed=0) does before building the model
-    initial = VAE(load_config(None, TINY_MODEL).model).state_dict()
+    initial = VAE(load_config(REPO / "configs" / "quickstart.yaml", TINY_MODEL).model).state_dict()
     assert all(torch.equal(trained[k], initial[k]) for k in initial)
     from mlflow import MlflowClient
 

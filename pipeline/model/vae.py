@@ -20,7 +20,7 @@ from torch.utils.checkpoint import checkpoint
 
 from pipeline.config import ModelConfig
 from pipeline.model.blocks import DecoderBlockSpec, ResidualBlock, parse_decoder_blocks, parse_encoder_blocks
-from pipeline.model.likelihood import DiscretizedLogistic, to_unit_range
+from pipeline.model.likelihood import make_likelihood, to_unit_range
 from pipeline.objective import gaussian_kl, negative_elbo, soft_clamp
 
 
@@ -165,7 +165,7 @@ class VAE(nn.Module):
         self.cfg = cfg
         self.bottom_up = BottomUp(cfg)
         self.top_down = TopDown(cfg)
-        self.likelihood = DiscretizedLogistic(cfg.width, cfg.channels)
+        self.likelihood = make_likelihood(cfg.likelihood, cfg.width, cfg.channels, cfg.data_bits, cfg.mixtures)
 
     @property
     def num_groups(self) -> int:
@@ -175,7 +175,7 @@ class VAE(nn.Module):
         """images: uint8 (N, C, H, W). Returns ``loss`` (the training objective, bits/dim),
         ``nelbo`` (the negative ELBO, bits/dim), ``recon_bpd``, ``kl_bpd``, ``kl_bpd_per_group``
         (G,); see ``objective.negative_elbo`` for the weight and free bits."""
-        x = to_unit_range(images)
+        x = to_unit_range(images, self.cfg.data_bits)
         state, groups = self.top_down(self.bottom_up(x), x.shape[0])
         recon_nats = self.likelihood.nll(state, x)
         return negative_elbo(recon_nats, [g.kl for g in groups], x[0].numel(), kl_weight, free_bits)
@@ -183,7 +183,7 @@ class VAE(nn.Module):
     @torch.no_grad()
     def reconstruct(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 images -> reconstructions in [-1, 1] (posterior sample, likelihood mode)."""
-        x = to_unit_range(images)
+        x = to_unit_range(images, self.cfg.data_bits)
         state, _ = self.top_down(self.bottom_up(x), x.shape[0])
         return self.likelihood.mode(state)
 
