@@ -81,7 +81,10 @@ class ModelConfig:
     channels: int = 3
     """Image channels: 3 for RGB, 1 for grayscale."""
     width: int = 64
-    """Feature channels of every residual block."""
+    """Feature channels of the residual blocks (at every resolution ``widths`` does not name)."""
+    widths: str = ""
+    """Channels per resolution where they differ from ``width``, as ``resolution:channels``
+    pairs (VDVAE's custom_width_str), e.g. ``"256:64,128:128,64:256"``."""
     bottleneck_ratio: float = 0.25
     """Channels inside a residual block, as a fraction of ``width`` (VDVAE uses 0.25)."""
     latent_channels: int = 8
@@ -107,6 +110,9 @@ class ModelConfig:
     log_std_clamp: float = 5.0
     """Soft clamp of the prior's and posterior's log standard deviations, c * tanh(x / c)
     (NVAE): keeps exp() finite early in training without cutting gradients. 0: off."""
+    state_bias_max_resolution: int = 64
+    """The top-down pass starts each resolution from a learned constant (VDVAE's bias_xs) up to
+    this resolution, and from zeros above it (a 512 x 256 x 256 constant is 33M parameters)."""
     grad_checkpoint: bool = False
     """Recompute each residual block's activations in the backward pass instead of storing
     them: less memory, about a third more compute, the same gradients."""
@@ -117,6 +123,10 @@ class ModelConfig:
         if self.channels not in (1, 3):
             raise ConfigError(f"model.channels: must be 1 or 3, got {self.channels}")
         _check_positive(self, "mixtures")
+        try:
+            self.width_at(self.resolution)
+        except ValueError:
+            raise ConfigError(f"model.widths: expected 'resolution:channels' pairs like '32:64,16:128', got {self.widths!r}") from None
         if (self.likelihood == "bernoulli") != (self.data_bits == 1) or not 1 <= self.data_bits <= 8:
             raise ConfigError(
                 f"model.data_bits: {self.data_bits} does not fit model.likelihood={self.likelihood!r}: "
@@ -134,6 +144,14 @@ class ModelConfig:
             )
         except ValueError as err:
             raise ConfigError(f"model: {err}") from None
+
+
+    def width_at(self, resolution: int) -> int:
+        """Feature channels at ``resolution``."""
+        pairs = dict(tuple(int(v) for v in item.split(":")) for item in self.widths.replace(" ", "").split(",") if item)
+        if any(w <= 0 for w in pairs.values()):
+            raise ValueError("widths must be positive")
+        return pairs.get(resolution, self.width)
 
 
 @dataclass

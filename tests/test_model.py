@@ -53,3 +53,38 @@ def test_grayscale_model():
     cfg = load_config(None, TINY_MODEL + ["model.channels=1"]).model
     out = VAE(cfg)(torch.randint(0, 256, (2, 1, 32, 32), dtype=torch.uint8))
     assert torch.isfinite(out["loss"])
+
+
+def test_presets_have_the_parameter_counts_the_readme_states():
+    import re
+
+    from pipeline.model.vae import count_parameters
+    from tests.conftest import REPO
+
+    table = dict(re.findall(r"^\| `configs/(\S+\.yaml)` \| [^|]+\| ([\d,]+) \|", (REPO / "README.md").read_text(), re.M))
+    configs = sorted(p.name for p in (REPO / "configs").glob("*.yaml"))
+    assert sorted(table) == configs
+    for name, stated in table.items():
+        assert count_parameters(load_config(REPO / "configs" / name).model) == int(stated.replace(",", "")), name
+    # VDVAE's reported sizes: CIFAR-10 39M, ImageNet-64 125M, FFHQ-256 115M.
+    assert round(int(table["cifar10.yaml"].replace(",", "")) / 1e6) == 39
+    assert round(int(table["imagenet64.yaml"].replace(",", "")) / 1e6) == 125
+    assert round(int(table["ffhq256_5bit.yaml"].replace(",", "")) / 1e6) == 115
+
+
+def test_widths_per_resolution():
+    cfg = load_config(None, TINY_MODEL + ["model.widths=32:8,16:24"]).model
+    torch.manual_seed(0)
+    model = VAE(cfg)
+    features = model.bottom_up(torch.zeros(2, 3, 32, 32))
+    assert {r: f.shape[1] for r, f in features.items()} == {32: 8, 16: 24, 8: 16, 4: 16}
+    out = model(torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8))
+    out["loss"].backward()
+    assert torch.isfinite(out["loss"]) and model.sample(2).shape == (2, 3, 32, 32)
+
+
+def test_no_learned_state_above_the_limit():
+    cfg = load_config(None, TINY_MODEL + ["model.state_bias_max_resolution=8"]).model
+    model = VAE(cfg)
+    assert sorted(int(r) for r in model.top_down.initial_state) == [4, 8]
+    assert torch.isfinite(model(torch.randint(0, 256, (1, 3, 32, 32), dtype=torch.uint8))["loss"])

@@ -32,30 +32,37 @@ def _run(block: nn.Module, grad_checkpoint: bool, *args):
     return block(*args)
 
 
-def _hidden(cfg: ModelConfig) -> int:
-    return max(1, int(cfg.width * cfg.bottleneck_ratio))
+def _hidden(width: int, cfg: ModelConfig) -> int:
+    return max(1, int(width * cfg.bottleneck_ratio))
 
 
 class BottomUp(nn.Module):
-    """Image -> features per resolution: ``{32: (N, W, 32, 32), 16: ..., 4: ...}``."""
+    """Image -> features per resolution: ``{32: (N, W32, 32, 32), 16: ..., 4: ...}``."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         specs = parse_encoder_blocks(cfg.encoder_blocks, cfg.resolution)
         self.grad_checkpoint = cfg.grad_checkpoint
-        self.stem = nn.Conv2d(cfg.channels, cfg.width, 3, padding=1)
+        self.stem = nn.Conv2d(cfg.channels, cfg.width_at(cfg.resolution), 3, padding=1)
         scale = 1.0 / math.sqrt(len(specs))
-        self.blocks = nn.ModuleList(
-            ResidualBlock(cfg.width, _hidden(cfg), cfg.width, s.resolution, down_rate=s.down_rate, last_scale=scale)
-            for s in specs
-        )
+        blocks, projections = [], {}
+        for i, s in enumerate(specs):
+            w = cfg.width_at(s.resolution)
+            blocks.append(ResidualBlock(w, _hidden(w, cfg), w, s.resolution, down_rate=s.down_rate, last_scale=scale))
+            if s.down_rate and cfg.width_at(s.resolution // s.down_rate) != w:
+                # A new resolution with other channels: a 1x1 projection after the pooling.
+                projections[str(i)] = nn.Conv2d(w, cfg.width_at(s.resolution // s.down_rate), 1)
+        self.blocks = nn.ModuleList(blocks)
+        self.projections = nn.ModuleDict(projections)
 
     def forward(self, x: torch.Tensor) -> dict[int, torch.Tensor]:
         """x: (N, C, H, W) in [-1, 1]."""
         h = self.stem(x)
         features = {h.shape[-1]: h}
-        for block in self.blocks:
+        for i, block in enumerate(self.blocks):
             h = _run(block, self.grad_checkpoint, h)
+            if str(i) in self.projections:
+                h = self.projections[str(i)](h)
             features[h.shape[-1]] = h  # the last block at each resolution wins
         return features
 
@@ -68,6 +75,8 @@ class GroupOutput:
     kl: torch.Tensor | None  # (N,) nats, None when sampling from the prior
     posterior_mean: torch.Tensor | None  # (N, Z, r, r)
     posterior_log_std: torch.Tensor | None
+    prior_mean: torch.Tensor
+    prior_log_std: torch.Tensor
 
 
 class TopDownBlock(nn.Module):
@@ -75,7 +84,8 @@ class TopDownBlock(nn.Module):
 
     def __init__(self, spec: DecoderBlockSpec, cfg: ModelConfig, n_blocks: int) -> None:
         super().__init__()
-        w, h, z = cfg.width, _hidden(cfg), cfg.latent_channels
+        w = cfg.width_at(spec.resolution)
+        h, z = _hidden(w, cfg), cfg.latent_channels
         self.resolution = spec.resolution
         self.merge_from = spec.merge_from
         self.latent_channels = z
@@ -104,13 +114,13 @@ class TopDownBlock(nn.Module):
         prior_log_std = soft_clamp(prior_log_std, self.log_std_clamp)
         if features is None:
             z = prior_mean if use_mean else prior_mean + temperature * torch.exp(prior_log_std) * torch.randn_like(prior_mean)
-            out = GroupOutput(z, None, None, None)
+            out = GroupOutput(z, None, None, None, prior_mean, prior_log_std)
         else:
             post_mean, post_log_std = self.posterior(torch.cat([state, features], dim=1)).chunk(2, dim=1)
             post_log_std = soft_clamp(post_log_std, self.log_std_clamp)
             z = post_mean if use_mean else post_mean + torch.exp(post_log_std) * torch.randn_like(post_mean)
             kl = gaussian_kl(post_mean.float(), post_log_std.float(), prior_mean.float(), prior_log_std.float())
-            out = GroupOutput(z, kl.flatten(1).sum(1), post_mean, post_log_std)
+            out = GroupOutput(z, kl.flatten(1).sum(1), post_mean, post_log_std, prior_mean, prior_log_std)
         state = state + state_update
         state = self.cell(state + self.z_proj(z))
         return state, out
@@ -122,14 +132,21 @@ class TopDown(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         specs = parse_decoder_blocks(cfg.decoder_blocks, cfg.resolution)
-        self.width = cfg.width
         self.resolution = cfg.resolution
         self.grad_checkpoint = cfg.grad_checkpoint
         self.blocks = nn.ModuleList(TopDownBlock(s, cfg, len(specs)) for s in specs)
         # A learned starting state per resolution (VDVAE's bias_xs); keys must be strings.
+        resolutions = sorted({s.resolution for s in specs})
         self.initial_state = nn.ParameterDict(
-            {str(r): nn.Parameter(torch.zeros(1, cfg.width, r, r)) for r in sorted({s.resolution for s in specs})}
-        )
+            {str(r): nn.Parameter(torch.zeros(1, cfg.width_at(r), r, r)) for r in resolutions
+             if r <= cfg.state_bias_max_resolution}
+        )  # fmt: skip
+        self.widths = {r: cfg.width_at(r) for r in resolutions}
+        # Merging a lower resolution's state into one with other channels: a 1x1 projection.
+        self.merge_projections = nn.ModuleDict(
+            {f"{s.merge_from}to{s.resolution}": nn.Conv2d(cfg.width_at(s.merge_from), cfg.width_at(s.resolution), 1)
+             for s in specs if s.merge_from is not None and cfg.width_at(s.merge_from) != cfg.width_at(s.resolution)}
+        )  # fmt: skip
 
     def forward(
         self,
@@ -143,12 +160,20 @@ class TopDown(nn.Module):
         ``temperature`` may be one number or one per group (used only when sampling the prior).
         """
         temperatures = temperature if isinstance(temperature, list) else [temperature] * len(self.blocks)
-        states = {int(r): s.expand(batch_size, -1, -1, -1) for r, s in self.initial_state.items()}
+        reference = next(self.parameters())
+        states = {
+            r: self.initial_state[str(r)].expand(batch_size, -1, -1, -1) if str(r) in self.initial_state
+            else reference.new_zeros(batch_size, w, r, r)
+            for r, w in self.widths.items()
+        }  # fmt: skip
         groups = []
         for block, t in zip(self.blocks, temperatures):
             state = states[block.resolution]
             if block.merge_from is not None:
                 low = states[block.merge_from]
+                key = f"{block.merge_from}to{block.resolution}"
+                if key in self.merge_projections:
+                    low = self.merge_projections[key](low)
                 state = state + F.interpolate(low, scale_factor=block.resolution // block.merge_from, mode="nearest")
             block_features = None if features is None else features[block.resolution]
             state, group = _run(block, self.grad_checkpoint, state, block_features, t, use_mean)
@@ -165,7 +190,9 @@ class VAE(nn.Module):
         self.cfg = cfg
         self.bottom_up = BottomUp(cfg)
         self.top_down = TopDown(cfg)
-        self.likelihood = make_likelihood(cfg.likelihood, cfg.width, cfg.channels, cfg.data_bits, cfg.mixtures)
+        self.likelihood = make_likelihood(
+            cfg.likelihood, cfg.width_at(cfg.resolution), cfg.channels, cfg.data_bits, cfg.mixtures
+        )
 
     @property
     def num_groups(self) -> int:
@@ -192,3 +219,9 @@ class VAE(nn.Module):
         """n images from the prior, in [-1, 1]; lower temperatures give smoother images."""
         state, _ = self.top_down(None, n, temperature)
         return self.likelihood.mode(state)
+
+
+def count_parameters(cfg: ModelConfig) -> int:
+    """Parameters of the model a config describes, without allocating them."""
+    with torch.device("meta"):
+        return sum(p.numel() for p in VAE(cfg).parameters())
