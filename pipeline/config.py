@@ -227,12 +227,17 @@ class TrainConfig:
     """Steps between evaluations on the held-out shards (and at the start and the end)."""
     eval_batches: int = 0
     """Held-out batches per evaluation per process; 0 means the whole held-out split."""
+    diagnostics: bool = True
+    """At each evaluation, also measure active units, collapsed groups, the aggregate posterior's
+    KL to the prior and the variance ratios (EMA weights, main process)."""
+    final_iw_samples: int = 8
+    """K of the importance-weighted bound in the report written at the end of training."""
     image_every: int = 500
     """Steps between sample/reconstruction grids logged as images (and at the end)."""
 
     def __post_init__(self) -> None:
         _check_positive(self, "steps", "grad_accum_steps", "log_every", "eval_every", "image_every")
-        _check_non_negative(self, "eval_batches")
+        _check_non_negative(self, "eval_batches", "final_iw_samples")
 
 
 @dataclass

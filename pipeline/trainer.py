@@ -38,6 +38,7 @@ from pipeline.data.loader import EpochIterator, make_loader
 from pipeline.data.streams import StreamOptions
 from pipeline.ema import EMA
 from pipeline.encoder import Encoder
+from pipeline.evaluate import evaluate, flat_metrics, plot_report
 from pipeline.images import sample_and_reconstruction_grid
 from pipeline.model import VAE
 from pipeline.objective import kl_warmup_weight
@@ -56,6 +57,19 @@ def lr_factor(cfg: Config, step: int) -> float:
     progress = min(1.0, (step - warmup) / max(1, cfg.train.steps - warmup))
     floor = cfg.optim.min_lr_ratio
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def resolve_data_urls(cfg: Config) -> tuple[str | list[str], str | list[str]]:
+    """(train, held-out) URLs from the config; the embedded dataset when none are given."""
+    data = cfg.data
+    if not data.train_urls:
+        return ensure_builtin_dataset(data.cache_dir or None, seed=data.seed)
+    if data.eval_urls:
+        return data.train_urls, data.eval_urls
+    if isinstance(data.train_urls, str) and data.train_urls.partition("#")[0].endswith("manifest.json"):
+        return data.train_urls, data.train_urls.partition("#")[0] + "#heldout"
+    log.warning("no data.eval_urls: evaluating on the training shards")
+    return data.train_urls, data.train_urls
 
 
 class TrainingStalled(RuntimeError):
@@ -114,17 +128,9 @@ class Trainer:
     # --- set-up ----------------------------------------------------------------------------
 
     def _data_urls(self) -> tuple[str | list[str], str | list[str]]:
-        data = self.cfg.data
-        if data.train_urls:
-            if data.eval_urls:
-                return data.train_urls, data.eval_urls
-            if isinstance(data.train_urls, str) and data.train_urls.partition("#")[0].endswith("manifest.json"):
-                return data.train_urls, data.train_urls.partition("#")[0] + "#heldout"
-            log.warning("no data.eval_urls: evaluating on the training shards")
-            return data.train_urls, data.train_urls
         # The main process writes the embedded dataset's shards; the others wait, then read.
         with self.accelerator.main_process_first():
-            return ensure_builtin_dataset(data.cache_dir or None, seed=data.seed)
+            return resolve_data_urls(self.cfg)
 
     def _resume(self) -> str | None:
         """Load the newest checkpoint of this run directory, if any; returns its MLflow run id."""
@@ -205,6 +211,7 @@ class Trainer:
         self.log_images()
         self.save()
         self.export_encoder()
+        self.write_eval_report()
         summary = {"step": self.step, "first_eval": self.first_eval, "final_eval": final, "mlflow_run_id": self.tracker.run_id}
         if self.is_main:
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -273,6 +280,14 @@ class Trainer:
         metrics = self._evaluate(model, "eval")
         with self.ema.applied(model):
             metrics |= self._evaluate(model, "eval_ema")
+            if self.is_main and self.cfg.train.diagnostics:
+                # The four VAE problems as numbers, on this process's share of the held-out data.
+                report = evaluate(model, self.eval_loader, max_images=self.cfg.train.eval_batches * self.cfg.data.batch_size,
+                                  device=self.accelerator.device)  # fmt: skip
+                diagnostics = {k: v for k, v in flat_metrics(report, "eval_ema").items() if k not in metrics}
+                self.tracker.log_metrics(diagnostics, self.step)
+                metrics |= diagnostics
+            model.train()
         if self.is_main:
             tqdm.write(f"step {self.step}: held-out {metrics['eval/loss']:.4f} bits/dim "
                        f"(reconstruction {metrics['eval/recon_bpd']:.4f} + KL {metrics['eval/kl_bpd']:.4f}); "
@@ -344,6 +359,24 @@ class Trainer:
             )
             log.info("saved %s", path)
         acc.wait_for_everyone()
+
+    def write_eval_report(self) -> None:
+        """The final report (EMA weights, importance-weighted bound, the four VAE problems) and its
+        figure, under <run_dir>/eval/final and in MLflow."""
+        if not self.is_main:
+            return
+        model = self.accelerator.unwrap_model(self.model)
+        with self.ema.applied(model):
+            report = evaluate(model, self.eval_loader, iw_samples=self.cfg.train.final_iw_samples,
+                              max_images=self.cfg.train.eval_batches * self.cfg.data.batch_size,
+                              device=self.accelerator.device)  # fmt: skip
+            model.train()
+        directory = self.run_dir / "eval" / "final"
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "report.json").write_text(json.dumps({"step": self.step, "weights": "ema", **report}, indent=2) + "\n")
+        plot_report(report, directory / "figure.png")
+        self.tracker.log_metrics(flat_metrics(report, "final_ema"), self.step)
+        self.tracker.log_artifact(directory, "eval/final")
 
     def export_encoder(self) -> None:
         if not self.is_main:
