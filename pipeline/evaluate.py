@@ -196,35 +196,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--iw-samples", type=int, default=16, help="K of the importance-weighted bound (0: skip)")
     parser.add_argument("--max-images", type=int, default=0, help="0: the whole held-out split")
     parser.add_argument("--batch-size", type=int, default=0, help="0: the run's data.batch_size")
+    parser.add_argument("--eval-urls", help="shards to evaluate on (default: the run's held-out shards), e.g. a test split")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-mlflow", action="store_true", help="do not log the report to the run's MLflow run")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
-    from pipeline.checkpoint import latest_checkpoint, load_checkpoint, load_ema
-    from pipeline.config import config_from_dict
     from pipeline.data.loader import make_loader
     from pipeline.data.streams import StreamOptions
+    from pipeline.runs import load_trained
     from pipeline.trainer import resolve_data_urls
 
-    checkpoints = args.run_dir / "checkpoints"
-    path = latest_checkpoint(checkpoints) if args.checkpoint is None else (
-        Path(args.checkpoint) if Path(args.checkpoint).is_dir() else checkpoints / args.checkpoint)  # fmt: skip
-    if path is None or not path.is_dir():
-        print(f"no checkpoint {'in ' + str(checkpoints) if args.checkpoint is None else args.checkpoint}", file=sys.stderr)
+    try:
+        model, cfg, state, path = load_trained(args.run_dir, args.checkpoint, args.weights)
+    except FileNotFoundError as err:
+        print(f"pipeline-eval: {err}", file=sys.stderr)
         return 2
-    model_state, _, state = load_checkpoint(path)
-    cfg = config_from_dict(state["config"])
-    model = VAE(cfg.model)
-    weights = load_ema(path) if args.weights == "ema" else model_state
-    model.load_state_dict(weights if weights is not None else model_state)
-    _, eval_urls = resolve_data_urls(cfg)
+    eval_urls = args.eval_urls or resolve_data_urls(cfg)[1]
     options = StreamOptions(allow_pipe=cfg.data.allow_pipe, retries=cfg.data.http_retries, timeout=cfg.data.http_timeout)
     loader, _ = make_loader(eval_urls, batch_size=args.batch_size or cfg.data.batch_size, train=False,
                             channels=cfg.model.channels, options=options)  # fmt: skip
     torch.manual_seed(args.seed)
     report = evaluate(model, loader, iw_samples=args.iw_samples, max_images=args.max_images)
-    report = {"checkpoint": str(path), "step": state["step"], "weights": args.weights, **report}
+    report = {"checkpoint": str(path), "step": state["step"], "weights": args.weights, "data": eval_urls, **report}
 
     out = args.run_dir / "eval" / f"{path.name}-{args.weights}"
     out.mkdir(parents=True, exist_ok=True)

@@ -200,12 +200,14 @@ class Trainer:
                 progress.set_postfix(loss=f"{metrics['train/loss']:.3f}", img_s=f"{metrics['train/images_per_s']:.0f}")
                 sums.clear()
                 interval_start, interval_steps = time.perf_counter(), 0
+            paused = time.perf_counter()
             if self.step % cfg.train.eval_every == 0 and self.step < cfg.train.steps:
                 self.evaluate()
             if self.step % cfg.train.image_every == 0 and self.step < cfg.train.steps:
                 self.log_images()
             if self.step % cfg.checkpoint.every == 0:
                 self.save()
+            interval_start += time.perf_counter() - paused  # images/s counts training time only
         progress.close()
         final = self.evaluate()
         self.log_images()

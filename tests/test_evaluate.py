@@ -94,10 +94,16 @@ def test_report_figure_is_written(tiny_model_and_batches, tmp_path):
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
 
 
-@pytest.mark.slow
-def test_pipeline_eval_on_a_trained_run(tmp_path, launch):
-    run_dir = tmp_path / "run"
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, launch):
+    run_dir = tmp_path_factory.mktemp("evaluated") / "run"
     launch(run_dir, "train.steps=3")
+    return run_dir
+
+
+@pytest.mark.slow
+def test_pipeline_eval_on_a_trained_run(trained_run):
+    run_dir = trained_run
     final = json.loads((run_dir / "eval" / "final" / "report.json").read_text())
     assert final["iw_samples"] == 8 and final["weights"] == "ema"
     assert (run_dir / "eval" / "final" / "figure.png").exists()
@@ -118,3 +124,24 @@ def test_pipeline_eval_on_a_trained_run(tmp_path, launch):
     assert "eval_ema/variance_ratio_samples" in metrics and "eval_ema/collapsed_groups" in metrics
     artifacts = {a.path for a in client.list_artifacts(run_id, "eval")}
     assert {"eval/final", "eval/step_000003-ema"} <= artifacts
+
+
+@pytest.mark.slow
+def test_pipeline_sample_writes_grids_at_temperatures_per_group_and_reconstructions(trained_run, tmp_path):
+    from PIL import Image
+
+    def sample(*args):
+        return subprocess.run([sys.executable, "-m", "pipeline.sample", str(trained_run), *args],
+                              capture_output=True, text=True, cwd=REPO, timeout=300)  # fmt: skip
+
+    result = sample("--temperatures", "1.0,0.5,0.1", "--n", "5", "--out", str(tmp_path / "t.png"))
+    assert result.returncode == 0, result.stderr
+    assert Image.open(tmp_path / "t.png").size == (5 * 32 * 2, 3 * 32 * 2)  # 3 rows of 5, shown at 2x
+    result = sample("--group-temperatures", "1,1,1,0.5,0.5,0,0", "--n", "4", "--out", str(tmp_path / "g.png"))
+    assert result.returncode == 0, result.stderr
+    assert Image.open(tmp_path / "g.png").size == (4 * 32 * 2, 32 * 2)
+    result = sample("--group-temperatures", "1,1", "--n", "4")
+    assert result.returncode == 2 and "needs 7 values" in result.stderr
+    result = sample("--reconstructions", "--n", "6")
+    assert result.returncode == 0, result.stderr
+    assert Image.open(result.stdout.strip()).size == (6 * 32 * 2, 2 * 32 * 2)

@@ -271,19 +271,12 @@ def make_loader(
     urls: str | list[str] | list[Shard],
     *,
     batch_size: int,
-    num_workers: int = 0,
-    rank: int = 0,
-    world_size: int = 1,
-    channels: int = 3,
     train: bool = True,
-    mode: str = "epoch",
-    shuffle_buffer: int = 1000,
-    seed: int = 0,
-    hflip: bool = False,
-    epoch_batches: int = 0,
     options: StreamOptions | None = None,
+    **settings: Any,
 ) -> tuple[torch.utils.data.DataLoader, ShardDataset]:
-    """The DataLoader and its dataset (for ``set_position`` and the plan).
+    """The DataLoader and its dataset (for ``set_position`` and the plan). ``settings`` are
+    ShardDataset's (num_workers, rank, world_size, channels, mode, shuffle_buffer, seed, ...).
 
     ``train=True`` shuffles (and flips, if asked); ``train=False`` reads in shard order, for
     evaluation. Both see every sample exactly once per epoch in ``epoch`` mode.
@@ -293,20 +286,16 @@ def make_loader(
         shards = urls
     else:
         shards = resolve_shards(urls, options, default_split="train" if train else "heldout")
-    dataset = ShardDataset(
-        shards, batch_size=batch_size, num_workers=num_workers, rank=rank, world_size=world_size,
-        channels=channels, train=train, mode=mode, shuffle_buffer=shuffle_buffer, seed=seed,
-        hflip=hflip, epoch_batches=epoch_batches, options=options,
-    )  # fmt: skip
+    dataset = ShardDataset(shards, batch_size=batch_size, train=train, options=options, **settings)
     loader = torch.utils.data.DataLoader(
         dataset,
         batch_size=None,
-        num_workers=num_workers,
+        num_workers=dataset.num_workers,
         persistent_workers=False,
         pin_memory=torch.cuda.is_available(),
         # Its own generator: otherwise every iter() draws from the global torch RNG, and a
         # resumed run (which starts a fresh iterator) would draw different latent noise.
-        generator=torch.Generator().manual_seed(seed),
+        generator=torch.Generator().manual_seed(dataset.seed),
     )
     return loader, dataset
 

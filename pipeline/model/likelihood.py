@@ -47,18 +47,21 @@ def _interior_or_edges(x: torch.Tensor, log_lowest: torch.Tensor, log_highest: t
     return torch.where(x < -EDGE, log_lowest, torch.where(x > EDGE, log_highest, interior))
 
 
+def _standardised_bin(x: torch.Tensor, mean: torch.Tensor, log_scale: torch.Tensor, half_width: float):
+    """The bin's centre and edges in units of the scale: (middle, lower, upper)."""
+    inv_scale = torch.exp(-log_scale)
+    centered = x - mean
+    return inv_scale * centered, inv_scale * (centered - half_width), inv_scale * (centered + half_width)
+
+
 def discretized_logistic_log_prob(
     x: torch.Tensor, mean: torch.Tensor, log_scale: torch.Tensor, half_width: float = 1.0 / 255.0
 ) -> torch.Tensor:
     """Log-probability of each value (elementwise, broadcasting); x must lie on the grid."""
-    inv_scale = torch.exp(-log_scale)
-    centered = x - mean
-    upper = inv_scale * (centered + half_width)
-    lower = inv_scale * (centered - half_width)
+    middle, lower, upper = _standardised_bin(x, mean, log_scale, half_width)
     cdf_delta = torch.sigmoid(upper) - torch.sigmoid(lower)
     # When the bin mass underflows (a very sharp logistic far from x), the density at the bin
     # centre times the bin width is an accurate stand-in and keeps gradients finite.
-    middle = inv_scale * centered
     log_density_mid = middle - log_scale - 2.0 * F.softplus(middle) + math.log(2 * half_width)
     interior = torch.where(cdf_delta > 1e-5, torch.log(cdf_delta.clamp_min(1e-12)), log_density_mid)
     # log P(X <= upper edge) is the lowest value's mass; log P(X > lower edge) the highest's.
@@ -69,16 +72,12 @@ def discretized_gaussian_log_prob(
     x: torch.Tensor, mean: torch.Tensor, log_scale: torch.Tensor, half_width: float = 1.0 / 255.0
 ) -> torch.Tensor:
     """As ``discretized_logistic_log_prob``, with a Gaussian of std exp(log_scale)."""
-    inv_scale = torch.exp(-log_scale)
-    centered = x - mean
-    upper = inv_scale * (centered + half_width)
-    lower = inv_scale * (centered - half_width)
+    middle, lower, upper = _standardised_bin(x, mean, log_scale, half_width)
     log_cdf_upper = torch.special.log_ndtr(upper)
     log_cdf_lower = torch.special.log_ndtr(lower)
     # log(Phi(u) - Phi(l)) = log Phi(u) + log(1 - exp(log Phi(l) - log Phi(u))), stable for u > l.
     delta = (log_cdf_lower - log_cdf_upper).clamp_max(-1e-12)
     interior_exact = log_cdf_upper + torch.log(-torch.expm1(delta))
-    middle = inv_scale * centered
     log_density_mid = -0.5 * middle**2 - log_scale - 0.5 * math.log(2 * math.pi) + math.log(2 * half_width)
     interior = torch.where(interior_exact > math.log(1e-5), interior_exact, log_density_mid)
     return _interior_or_edges(x, log_cdf_upper, torch.special.log_ndtr(-lower), interior)
