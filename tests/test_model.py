@@ -88,3 +88,21 @@ def test_no_learned_state_above_the_limit():
     model = VAE(cfg)
     assert sorted(int(r) for r in model.top_down.initial_state) == [4, 8]
     assert torch.isfinite(model(torch.randint(0, 256, (1, 3, 32, 32), dtype=torch.uint8))["loss"])
+
+
+def test_vdvae_initialisation_scales_residuals_and_zeroes_the_prior_output():
+    from pipeline.model.blocks import ResidualBlock
+
+    torch.manual_seed(3)
+    plain = ResidualBlock(8, 2, 8, resolution=8, last_scale=1.0)
+    torch.manual_seed(3)
+    scaled = ResidualBlock(8, 2, 8, resolution=8, last_scale=0.25)
+    assert torch.allclose(scaled.convs[-1].weight, 0.25 * plain.convs[-1].weight)
+    assert torch.equal(scaled.convs[0].weight, plain.convs[0].weight)  # only the last conv is scaled
+
+    model = VAE(load_config(None, TINY_MODEL).model)
+    for block in model.top_down.blocks:
+        assert not block.prior.convs[-1].weight.any() and not block.prior.convs[-1].bias.any()
+    # So at initialisation the prior is N(0, 1) for every group: the first group's prior mean is 0.
+    _, groups = model.top_down(None, 2)
+    assert not groups[0].prior_mean.any() and not groups[0].prior_log_std.any()
