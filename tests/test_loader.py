@@ -9,11 +9,10 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from pipeline.data.loader import EpochIterator, make_loader
 from pipeline.data.plan import PlanError
-from pipeline.data.shards import read_manifest, write_dataset
+from pipeline.data.shards import write_dataset
 from pipeline.data.streams import DataError, StreamOptions
 from tests.servers import FlakyServer, Nginx
 

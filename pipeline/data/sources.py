@@ -17,7 +17,6 @@ paths). ``open_source`` picks the reader for a path.
 from __future__ import annotations
 
 import gzip
-import io
 import logging
 import pickle
 import re

@@ -109,7 +109,6 @@ class SampleRecord:
 
 @dataclass
 class ShardStats:
-    opened: int = 0
     retries: int = 0
     read: int = 0
     failures: list[str] = field(default_factory=list)
@@ -227,7 +226,6 @@ def read_shard(
         last_key = None
         try:
             stream = open_url(url, options)
-            stats.opened += 1
             with stream:
                 seekable = not is_remote(url)
                 if url.endswith((".tar.gz", ".tgz")):
