@@ -202,10 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
-    from pipeline.data.loader import make_loader
-    from pipeline.data.streams import StreamOptions
-    from pipeline.runs import load_trained
-    from pipeline.trainer import resolve_data_urls
+    from pipeline.runs import heldout_loader, load_trained, resolve_data_urls
 
     try:
         model, cfg, state, path = load_trained(args.run_dir, args.checkpoint, args.weights)
@@ -213,9 +210,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pipeline-eval: {err}", file=sys.stderr)
         return 2
     eval_urls = args.eval_urls or resolve_data_urls(cfg)[1]
-    options = StreamOptions(allow_pipe=cfg.data.allow_pipe, retries=cfg.data.http_retries, timeout=cfg.data.http_timeout)
-    loader, _ = make_loader(eval_urls, batch_size=args.batch_size or cfg.data.batch_size, train=False,
-                            channels=cfg.model.channels, options=options)  # fmt: skip
+    loader = heldout_loader(cfg, args.batch_size or cfg.data.batch_size, eval_urls)
     torch.manual_seed(args.seed)
     report = evaluate(model, loader, iw_samples=args.iw_samples, max_images=args.max_images)
     report = {"checkpoint": str(path), "step": state["step"], "weights": args.weights, "data": eval_urls, **report}

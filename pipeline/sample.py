@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="PNG path (default: <run_dir>/samples/<checkpoint>-<what>.png)")
     args = parser.parse_args(argv)
 
-    from pipeline.runs import load_trained
+    from pipeline.runs import heldout_loader, load_trained
 
     try:
         model, cfg, _, path = load_trained(args.run_dir, args.checkpoint, args.weights)
@@ -49,11 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     torch.manual_seed(args.seed)
     if args.reconstructions:
-        from pipeline.data.loader import make_loader
-        from pipeline.trainer import resolve_data_urls
-
-        loader, _ = make_loader(resolve_data_urls(cfg)[1], batch_size=args.n, train=False, channels=cfg.model.channels)
-        real = next(iter(loader))["image"][: args.n]
+        real = next(iter(heldout_loader(cfg, args.n)))["image"][: args.n]
         rows, what = [real, model.reconstruct(real)], "reconstructions"
     elif args.group_temperatures:
         if len(args.group_temperatures) != model.num_groups:

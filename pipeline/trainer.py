@@ -33,7 +33,6 @@ from pipeline.checkpoint import (
     save_checkpoint,
 )
 from pipeline.config import Config, config_from_dict
-from pipeline.data.builtin import ensure_builtin_dataset
 from pipeline.data.loader import EpochIterator, make_loader
 from pipeline.data.streams import StreamOptions
 from pipeline.ema import EMA
@@ -42,6 +41,7 @@ from pipeline.evaluate import evaluate, flat_metrics, plot_report
 from pipeline.images import sample_and_reconstruction_grid
 from pipeline.model import VAE
 from pipeline.objective import kl_warmup_weight
+from pipeline.runs import resolve_data_urls
 from pipeline.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -57,19 +57,6 @@ def lr_factor(cfg: Config, step: int) -> float:
     progress = min(1.0, (step - warmup) / max(1, cfg.train.steps - warmup))
     floor = cfg.optim.min_lr_ratio
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def resolve_data_urls(cfg: Config) -> tuple[str | list[str], str | list[str]]:
-    """(train, held-out) URLs from the config; the embedded dataset when none are given."""
-    data = cfg.data
-    if not data.train_urls:
-        return ensure_builtin_dataset(data.cache_dir or None, seed=data.seed)
-    if data.eval_urls:
-        return data.train_urls, data.eval_urls
-    if isinstance(data.train_urls, str) and data.train_urls.partition("#")[0].endswith("manifest.json"):
-        return data.train_urls, data.train_urls.partition("#")[0] + "#heldout"
-    log.warning("no data.eval_urls: evaluating on the training shards")
-    return data.train_urls, data.train_urls
 
 
 class TrainingStalled(RuntimeError):
@@ -101,7 +88,7 @@ class Trainer:
 
         train_urls, eval_urls = self._data_urls()
         data = cfg.data
-        options = StreamOptions(allow_pipe=data.allow_pipe, retries=data.http_retries, timeout=data.http_timeout)
+        options = StreamOptions.from_config(data)
         common = dict(
             batch_size=data.batch_size, num_workers=data.num_workers, rank=accelerator.process_index,
             world_size=accelerator.num_processes, channels=cfg.model.channels, seed=data.seed, options=options,

@@ -42,6 +42,11 @@ class StreamOptions:
     timeout: float = 30.0  # seconds without data before an HTTP read fails
     backoff: float = 0.5  # seconds before the first retry, doubled each time
 
+    @classmethod
+    def from_config(cls, data) -> "StreamOptions":
+        """From a ``DataConfig``: the one place its stream knobs are read."""
+        return cls(allow_pipe=data.allow_pipe, retries=data.http_retries, timeout=data.http_timeout)
+
 
 def is_remote(url: str) -> bool:
     return url.startswith(("http://", "https://", "pipe:"))
