@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import mmap
+import os
 import logging
 import math
 import random
@@ -28,12 +30,15 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import pyspng
 import torch
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
 from pipeline.data.plan import Shard, WorkerPlan, batch_schedule, epoch_plan, even_batches
-from pipeline.data.streams import DataError, ShardStats, StreamOptions, prefetch, read_shard
+from pipeline.data.streams import (
+    DataError, ShardStats, StreamOptions, TarIndex, index_tar, local_path, prefetch, read_shard,
+)  # fmt: skip
 from pipeline.data.urls import resolve_shards
 
 log = logging.getLogger(__name__)
@@ -54,18 +59,29 @@ class WorkerStats:
     not_decoded: int = 0  # samples passed over without decoding (resume)
 
 
-def decode_image(members: dict[str, bytes], mode: str, flip: bool = False) -> torch.Tensor:
-    """A sample's image member -> uint8 (C, H, W) in PIL ``mode`` ("L" or "RGB")."""
-    ext = next((e for e in IMAGE_EXTENSIONS if e in members), None)
+_PNG_COLOUR_TYPE = {"L": 0, "RGB": 2}  # IHDR colour types that are already in the wanted mode
+
+
+def decode_pixels(payload: bytes, ext: str | None, mode: str) -> np.ndarray:
+    """An image member's bytes -> uint8 (H, W, C) in PIL ``mode`` ("L" or "RGB").
+
+    8-bit PNGs already in ``mode`` (what our shard writer makes) go to libspng through pyspng:
+    for small images PIL's per-image Python work costs 5-6x the decoding itself. Anything else
+    (JPEG, WebP, palette, 16-bit, alpha, a colour conversion) goes through PIL.
+    """
     if ext is None:
-        raise ValueError(f"no image member (has: {', '.join(members) or 'nothing'})")
-    with Image.open(io.BytesIO(members[ext])) as image:
-        pixels = np.array(image if image.mode == mode else image.convert(mode))  # writable, as torch wants
-    if pixels.ndim == 2:
-        pixels = pixels[:, :, None]
-    if flip:
-        pixels = np.ascontiguousarray(pixels[:, ::-1])
-    return torch.from_numpy(pixels).permute(2, 0, 1)
+        raise ValueError("no image member")
+    if ext == "png" and payload[12:16] == b"IHDR" and payload[24] == 8 and payload[25] == _PNG_COLOUR_TYPE[mode]:
+        pixels = pyspng.load(payload)
+    else:
+        with Image.open(io.BytesIO(payload)) as image:
+            pixels = np.asarray(image if image.mode == mode else image.convert(mode))
+    return pixels[:, :, None] if pixels.ndim == 2 else pixels
+
+
+def find_image(members: dict[str, bytes]) -> tuple[str | None, bytes]:
+    ext = next((e for e in IMAGE_EXTENSIONS if e in members), None)
+    return ext, members.get(ext, b"")
 
 
 def _worker() -> tuple[int, int]:
@@ -146,87 +162,65 @@ class ShardDataset(IterableDataset):
         else:
             yield from self._resampled_batches(worker, start, self.batches_per_worker(self.epoch)[worker])
 
-    def _decode(self, members: dict[str, bytes], flip: bool) -> torch.Tensor:
-        return decode_image(members, self.image_mode, flip)
-
-    def _batch(self, images: list[torch.Tensor], keys: list[str], worker: int, index: int, stats: WorkerStats) -> dict[str, Any]:
-        if images and any(i.shape != images[0].shape for i in images):
-            shapes = {tuple(i.shape) for i in images}
+    def _assemble(self, images: list[np.ndarray], keys: list[str], worker: int, index: int, stats: WorkerStats) -> dict[str, Any]:
+        try:  # one copy into (N, C, H, W), instead of a tensor per image and a stack
+            return self._batch(np.ascontiguousarray(np.stack(images).transpose(0, 3, 1, 2)), keys, worker, index, stats)
+        except ValueError:
+            pass  # no images, or not all of one size
+        if images:
+            shapes = {i.shape for i in images}
             # One odd-sized image must not kill the batch: keep the most common size.
-            common = max(shapes, key=lambda s: sum(tuple(i.shape) == s for i in images))
-            odd = [k for i, k in zip(images, keys) if tuple(i.shape) != common]
+            common = max(shapes, key=lambda s: sum(i.shape == s for i in images))
+            odd = [k for i, k in zip(images, keys) if i.shape != common]
             log.warning("skipping %d image(s) of a size other than %s: %s", len(odd), common, odd[:5])
             stats.corrupt += len(odd)
-            keys = [k for i, k in zip(images, keys) if tuple(i.shape) == common]
-            images = [i for i in images if tuple(i.shape) == common]
-        image = torch.stack(images) if images else torch.zeros(0, self.channels, 0, 0, dtype=torch.uint8)
-        return {"image": image, "key": keys, "worker": worker, "index": index, "stats": dataclasses.asdict(stats)}
+            stats.decoded -= len(odd)
+            keys = [k for i, k in zip(images, keys) if i.shape == common]
+            images = [i for i in images if i.shape == common]
+        if images:
+            pixels = np.ascontiguousarray(np.stack(images).transpose(0, 3, 1, 2))
+        else:
+            pixels = np.zeros((0, self.channels, 0, 0), dtype=np.uint8)
+        return self._batch(pixels, keys, worker, index, stats)
+
+    @staticmethod
+    def _batch(pixels: np.ndarray, keys: list[str], worker: int, index: int, stats: WorkerStats) -> dict[str, Any]:
+        return {"image": torch.from_numpy(pixels), "key": keys, "worker": worker, "index": index, "stats": dataclasses.asdict(stats)}
+
+    def _add(self, images: list[np.ndarray], keys: list[str], sample: tuple, flip: bool, stats: WorkerStats) -> None:
+        """Decode one (url, key, ext, payload) sample into ``images``, or count it as corrupt."""
+        url, key, ext, payload = sample
+        try:
+            pixels = decode_pixels(payload, ext, self.image_mode)
+        except Exception as err:  # any decoder failure: skip, count, name it
+            stats.corrupt += 1
+            log.warning("skipping sample '%s' of shard %s: %s", key, url, err)
+            return
+        images.append(pixels[:, ::-1] if flip else pixels)
+        keys.append(key)
+        stats.decoded += 1
 
     def _epoch_batches(self, plan: WorkerPlan, worker: int, start_batch: int):
         stats = WorkerStats()
         offsets = [0, *np.cumsum(plan.batch_sizes).tolist()]
         first = offsets[start_batch]
-        needed = set(plan.order[first:].tolist())
         stats.not_decoded = first
-        records = self._records(plan, needed, stats)
-        pending: dict[int, tuple[str, str, dict[str, bytes]]] = {}
-        lost: list[tuple[int, int]] = []  # position ranges that will never arrive
-
-        def is_lost(position: int) -> bool:
-            return any(a <= position < b for a, b in lost)
-
-        flips = plan.flips.tolist()
-        for index in range(start_batch, len(plan.batch_sizes)):
-            images, keys = [], []
-            for position in plan.order[offsets[index] : offsets[index + 1]].tolist():
-                while position not in pending and not (lost and is_lost(position)):
-                    event = next(records, None)
-                    if event is None:  # the reader ended: everything not read is lost
-                        lost.append((0, len(plan.order)))
-                    elif event[0] == "lost":
-                        lost.append(event[1])
+        needed = plan.order[first:]
+        local = all(local_path(s.url) is not None and not s.url.endswith((".gz", ".tgz")) for s in plan.shards)
+        source = (MappedShards if local else StreamedShards)(plan, needed, self.options, stats)
+        order, flips = plan.order.tolist(), plan.flips.tolist()
+        try:
+            for index in range(start_batch, len(plan.batch_sizes)):
+                images, keys = [], []
+                for position in order[offsets[index] : offsets[index + 1]]:
+                    sample = source.get(position)
+                    if sample is None:
+                        stats.missing += 1
                     else:
-                        pending[event[1]] = event[2]
-                if position not in pending:
-                    stats.missing += 1
-                    continue
-                url, key, members = pending.pop(position)
-                try:
-                    images.append(self._decode(members, flips[position]))
-                    keys.append(key)
-                    stats.decoded += 1
-                except Exception as err:  # any decoder failure: skip, count, name it
-                    stats.corrupt += 1
-                    log.warning("skipping sample '%s' of shard %s: %s", key, url, err)
-            yield self._batch(images, keys, worker, index, stats)
-
-    def _records(self, plan: WorkerPlan, needed: set[int], stats: WorkerStats):
-        """Events in reading order: ("sample", position, (url, key, members)) for needed
-        samples and ("lost", (start, end)) for planned positions a shard failed to deliver."""
-        for number, (shard, start) in enumerate(zip(plan.shards, plan.shard_starts)):
-            end = start + shard.samples
-            if not any(p in needed for p in range(start, end)):
-                stats.shards_skipped += 1
-                continue
-            if number + 1 < len(plan.shards):
-                prefetch(plan.shards[number + 1].url)
-            shard_stats = ShardStats()
-            stats.shards_opened += 1
-            seen = 0
-            wanted = lambda i, s=start: s + i in needed  # noqa: E731
-            for record in read_shard(shard.url, wanted, self.options, shard_stats, shard.samples, IMAGE_EXTENSIONS):
-                if record.index >= shard.samples:
-                    log.warning("shard %s has more samples than its manifest says (%d); ignoring '%s'",
-                                shard.url, shard.samples, record.key)
-                    continue
-                seen = record.index + 1
-                if record.members is not None:
-                    yield "sample", start + record.index, (shard.url, record.key, record.members)
-            stats.retries += shard_stats.retries
-            if seen < shard.samples:
-                if not shard_stats.failures:
-                    log.warning("shard %s ended after %d of its %d samples", shard.url, seen, shard.samples)
-                yield "lost", (start + seen, end)
+                        self._add(images, keys, sample, flips[position], stats)
+                yield self._assemble(images, keys, worker, index, stats)
+        finally:
+            source.close()
 
     def _resampled_batches(self, worker: int, start_batch: int, total_batches: int):
         stats = WorkerStats()
@@ -257,14 +251,132 @@ class ShardDataset(IterableDataset):
                 k = rng.randrange(len(buffer))
                 buffer[k], buffer[-1] = buffer[-1], buffer[k]
                 url, key, members = buffer.pop()
-                try:
-                    images.append(self._decode(members, self.hflip and rng.random() < 0.5))
-                    keys.append(key)
-                    stats.decoded += 1
-                except Exception as err:
-                    stats.corrupt += 1
-                    log.warning("skipping sample '%s' of shard %s: %s", key, url, err)
-            yield self._batch(images, keys, worker, index, stats)
+                self._add(images, keys, (url, key, *find_image(members)), self.hflip and rng.random() < 0.5, stats)
+            yield self._assemble(images, keys, worker, index, stats)
+
+
+Sample = tuple[str, str, "str | None", bytes]  # (shard url, key, image extension or None, image bytes)
+
+
+class MappedShards:
+    """Random access to a worker's planned samples in local shards: each shard is memory-mapped
+    and indexed once (its headers walked), then any position costs a slice of the map. Nothing
+    is buffered: the page cache holds the bytes, and the shuffle order reads them directly."""
+
+    def __init__(self, plan: WorkerPlan, needed: np.ndarray, options: StreamOptions, stats: WorkerStats) -> None:
+        self.shards, self.stats = plan.shards, stats
+        self.starts = plan.shard_starts
+        # How many positions each shard still has to give: a shard is unmapped at zero, and
+        # shards nobody needs (after a resume) are never opened.
+        self.owner = np.repeat(np.arange(len(self.shards)), [s.samples for s in self.shards]).tolist()  # by position
+        self.remaining = np.bincount(np.asarray(self.owner, dtype=np.int64)[needed], minlength=len(self.shards)).tolist()
+        stats.shards_skipped += sum(1 for n in self.remaining if n == 0)
+        self.open: dict[int, tuple[Any, TarIndex]] = {}
+
+    def get(self, position: int) -> Sample | None:
+        number = self.owner[position]
+        data, index = self.open.get(number) or self._open(number)
+        i = position - self.starts[number]
+        sample = None  # past the shard's end: it stopped early (counted as missing)
+        if i < len(index.keys):
+            offset = index.offsets[i]
+            sample = self.shards[number].url, index.keys[i], index.extensions[i], data[offset : offset + index.sizes[i]]
+        self.remaining[number] -= 1
+        if self.remaining[number] == 0:
+            self._close(number)
+        return sample
+
+    def _open(self, number: int) -> tuple[Any, TarIndex]:
+        shard = self.shards[number]
+        if number + 1 < len(self.shards):
+            prefetch(self.shards[number + 1].url)
+        self.stats.shards_opened += 1
+        data: Any = b""
+        try:
+            with open(local_path(shard.url), "rb") as file:
+                if os.fstat(file.fileno()).st_size:
+                    data = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ)
+            index = index_tar(data, IMAGE_EXTENSIONS)
+        except OSError as err:
+            index = TarIndex([], [], [], [], error=str(err))
+        if len(index.keys) < shard.samples:
+            log.warning("shard %s ended after %d of its %d samples%s", shard.url, len(index.keys), shard.samples,
+                        f": {index.error}" if index.error else "")  # fmt: skip
+        elif len(index.keys) > shard.samples:
+            log.warning("shard %s has more samples than its manifest says (%d); ignoring '%s' and after",
+                        shard.url, shard.samples, index.keys[shard.samples])  # fmt: skip
+        self.open[number] = data, index
+        return data, index
+
+    def _close(self, number: int) -> None:
+        data, _ = self.open.pop(number)
+        if isinstance(data, mmap.mmap):
+            data.close()
+
+    def close(self) -> None:
+        for number in list(self.open):
+            self._close(number)
+
+
+class StreamedShards:
+    """A worker's planned samples from shards that can only be read front to back (HTTP, pipe:,
+    gzip): read in order, holding the samples that the shuffle order wants later."""
+
+    def __init__(self, plan: WorkerPlan, needed: np.ndarray, options: StreamOptions, stats: WorkerStats) -> None:
+        self.plan, self.options, self.stats = plan, options, stats
+        self.records = self._records(set(needed.tolist()))
+        self.pending: dict[int, Sample] = {}
+        self.lost: list[tuple[int, int]] = []  # position ranges that will never arrive
+
+    def _is_lost(self, position: int) -> bool:
+        return any(a <= position < b for a, b in self.lost)
+
+    def get(self, position: int) -> Sample | None:
+        while position not in self.pending and not (self.lost and self._is_lost(position)):
+            event = next(self.records, None)
+            if event is None:  # the reader ended: everything not read is lost
+                self.lost.append((0, self.plan.samples))
+            elif event[0] == "lost":
+                self.lost.append(event[1])
+            else:
+                self.pending[event[1]] = event[2]
+        return self.pending.pop(position, None)
+
+    def _records(self, needed: set[int]):
+        """Events in reading order: ("sample", position, Sample) for needed samples and
+        ("lost", (start, end)) for planned positions a shard failed to deliver."""
+        plan, stats = self.plan, self.stats
+        for number, (shard, start) in enumerate(zip(plan.shards, plan.shard_starts)):
+            end = start + shard.samples
+            if not any(p in needed for p in range(start, end)):
+                stats.shards_skipped += 1
+                continue
+            if number + 1 < len(plan.shards):
+                prefetch(plan.shards[number + 1].url)
+            shard_stats = ShardStats()
+            stats.shards_opened += 1
+            seen = 0
+            wanted = lambda i, s=start: s + i in needed  # noqa: E731
+            for record in read_shard(shard.url, wanted, self.options, shard_stats, shard.samples, IMAGE_EXTENSIONS):
+                if record.index >= shard.samples:
+                    log.warning("shard %s has more samples than its manifest says (%d); ignoring '%s'",
+                                shard.url, shard.samples, record.key)  # fmt: skip
+                    continue
+                seen = record.index + 1
+                if record.members is not None:
+                    yield "sample", start + record.index, (shard.url, record.key, *find_image(record.members))
+            stats.retries += shard_stats.retries
+            if seen < shard.samples:
+                if not shard_stats.failures:
+                    log.warning("shard %s ended after %d of its %d samples", shard.url, seen, shard.samples)
+                yield "lost", (start + seen, end)
+
+    def close(self) -> None:
+        self.records.close()
+
+
+def _as_is(batch: dict[str, Any]) -> dict[str, Any]:
+    return batch
 
 
 def make_loader(
@@ -296,6 +408,7 @@ def make_loader(
         # Its own generator: otherwise every iter() draws from the global torch RNG, and a
         # resumed run (which starts a fresh iterator) would draw different latent noise.
         generator=torch.Generator().manual_seed(dataset.seed),
+        collate_fn=_as_is,  # batches are made by the dataset; default_convert walks every key
     )
     return loader, dataset
 

@@ -6,8 +6,8 @@ Everything here is pure arithmetic on shard sample counts (from the manifest), s
   number of batches even when the shards do not divide evenly (batches get slightly smaller
   instead: DDP hangs when one rank runs out of batches before the others);
 * the shuffled order of a worker's samples is known before any byte is read. The shuffle is a
-  buffer shuffle over sample *positions* (what WebDataset's shuffle does to the samples
-  themselves), so it still streams; but a resumed run can compute which positions the first k
+  local shuffle over sample *positions* within a window (what WebDataset's shuffle buffer does
+  to the samples themselves), so it still streams; but a resumed run can compute which positions the first k
   emissions used and skip them without decoding, and skip whole shards without opening them.
 """
 
@@ -62,30 +62,12 @@ def balance(counts: list[int], order: list[int], bins: int) -> list[list[int]]:
     return dealt
 
 
-def buffer_shuffle(n: int, buffer_size: int, rng: np.random.Generator) -> np.ndarray:
-    """Positions 0..n-1 in the order a streaming shuffle buffer of ``buffer_size`` emits them:
-    fill the buffer, then emit a random element for every new one read, then drain."""
-    if n == 0:
-        return np.zeros(0, dtype=np.int64)
-    picks = rng.random(n)
-    buffer: list[int] = []
-    out = np.empty(n, dtype=np.int64)
-    emitted = 0
-    for position in range(n):
-        buffer.append(position)
-        if len(buffer) >= buffer_size:
-            k = int(picks[emitted] * len(buffer))
-            out[emitted] = buffer[k]
-            buffer[k] = buffer[-1]
-            buffer.pop()
-            emitted += 1
-    while buffer:
-        k = int(picks[emitted] * len(buffer))
-        out[emitted] = buffer[k]
-        buffer[k] = buffer[-1]
-        buffer.pop()
-        emitted += 1
-    return out
+def window_shuffle(n: int, window: int, rng: np.random.Generator) -> np.ndarray:
+    """Positions 0..n-1 shuffled locally: sorted by position plus a uniform jitter of up to
+    ``window`` positions. Like a streaming shuffle buffer of that size, it never needs more
+    than about ``window`` samples read ahead, but it is computed in one vectorised sort
+    (a Python buffer loop cost 2 us per sample, a tenth of decoding a small PNG)."""
+    return np.argsort(np.arange(n) + rng.random(n) * window, kind="stable")
 
 
 def even_batches(n: int, batches: int) -> list[int]:
@@ -138,7 +120,7 @@ def epoch_plan(
         plan = WorkerPlan([shards[i] for i in shard_ids], n, even_batches(n, batches[w]))
         if w == order_for:
             rng = np.random.default_rng([seed, epoch, rank, w, 0x5EED])
-            plan.order = buffer_shuffle(n, shuffle_buffer, rng) if shuffle else np.arange(n)
+            plan.order = window_shuffle(n, shuffle_buffer, rng) if shuffle else np.arange(n)
             plan.flips = (rng.random(n) < 0.5) if hflip else np.zeros(n, dtype=bool)
         plans.append(plan)
     return plans

@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
+import numpy as np
+
 log = logging.getLogger(__name__)
 
 
@@ -146,12 +148,36 @@ def _skip(stream: IO[bytes], n: int, seekable: bool) -> None:
 
 
 def _octal(field: bytes) -> int:
-    try:
-        return int(field.strip(b" \0") or b"0", 8)
-    except ValueError:
-        if field[0] & 0x80:  # GNU base-256 for sizes of 8 GiB and more
-            return int.from_bytes(field[1:], "big")
-        raise
+    """A numeric header field, read as Python's tarfile reads it: octal text up to the first
+    NUL, spaces around it allowed; or GNU base-256 (sizes of 8 GiB and more)."""
+    if field[0] & 0x80:
+        return int.from_bytes(field[1:], "big")
+    return int(field.split(b"\0", 1)[0].strip() or b"0", 8)
+
+
+def _header(header: bytes) -> tuple[str, int, bytes]:
+    """A 512-byte tar header -> (name, data size, type flag); the checksum is not checked here."""
+    size, kind = _octal(header[124:136]), header[156:157]
+    name = header[:100].rstrip(b"\0").decode()
+    prefix = header[345:500].rstrip(b"\0")
+    if prefix and header[257:262] == b"ustar":
+        name = f"{prefix.decode()}/{name}"
+    return name, size, kind
+
+
+def _checksum_ok(header: bytes) -> bool:
+    return _octal(header[148:156]) == sum(header) - sum(header[148:156]) + 256  # the field counts as spaces
+
+
+def _long_name(kind: bytes, payload: bytes) -> str | None:
+    """The name a GNU long-name (``L``) or pax (``x``) record gives the next member."""
+    if kind == b"L":
+        return payload.rstrip(b"\0").decode()
+    for record in payload.decode().splitlines():
+        field, _, value = record.partition(" ")[2].partition("=")
+        if field == "path":
+            return value
+    return None
 
 
 def _records(
@@ -172,26 +198,14 @@ def _records(
             break
         if len(header) < 512:
             raise TarFormatError("unexpected end of data in a header")
-        if _octal(header[148:156]) != sum(header) - sum(header[148:156]) + 256:  # checksum field counts as spaces
+        if not _checksum_ok(header):
             raise TarFormatError("bad header checksum (not a tar file, or corrupt)")
-        size, kind = _octal(header[124:136]), header[156:157]
+        name, size, kind = _header(header)
         padded = (size + 511) & ~511
         if kind in (b"L", b"x"):
-            payload = _read_exact(stream, padded)[:size]
-            if kind == b"L":
-                long_name = payload.rstrip(b"\0").decode()
-            else:
-                for record in payload.decode().splitlines():
-                    field, _, value = record.partition(" ")[2].partition("=")
-                    if field == "path":
-                        long_name = value
+            long_name = _long_name(kind, _read_exact(stream, padded)[:size])
             continue
-        name, long_name = long_name, None
-        if name is None:
-            name = header[:100].rstrip(b"\0").decode()
-            prefix = header[345:500].rstrip(b"\0")
-            if prefix and header[257:262] == b"ustar":
-                name = f"{prefix.decode()}/{name}"
+        name, long_name = long_name or name, None
         if kind not in _FILE_TYPES:
             _skip(stream, padded, seekable)
             continue
@@ -207,6 +221,166 @@ def _records(
             _skip(stream, padded, seekable)
     if key is not None:
         yield SampleRecord(index, key, members)
+
+
+@dataclass
+class TarIndex:
+    """Where each sample's first wanted member lies in a tar held in memory (an mmap of a local
+    shard): what random access by sample position needs, without copying anything."""
+
+    keys: list[str]
+    extensions: list[str | None]  # None: the sample has no wanted member
+    offsets: list[int]
+    sizes: list[int]
+    error: str | None = None  # why the index stops early (truncated or corrupt tar), if it does
+
+
+def index_tar(data, extensions: tuple[str, ...]) -> TarIndex:
+    """Index a tar held in ``data`` (bytes or mmap): where each sample's image lies.
+
+    A clean shard (what shard writers make) is indexed with numpy in a few array passes;
+    anything unusual (long names, other member types, a truncated or corrupt archive) takes a
+    header-by-header walk with the same result. A tar that stops or turns corrupt keeps the
+    samples before the fault, like the streaming reader."""
+    fast = _index_clean(data, extensions)
+    if fast is not None:
+        return fast
+    index, headers = _walk(data, extensions, len(data))
+    bad = _first_bad_checksum(data, headers)
+    if bad is not None:
+        index, _ = _walk(data, extensions, bad)
+        index.error = f"bad header checksum at byte {bad} (not a tar file, or corrupt)"
+    if index.error and index.keys:  # the sample being read when it failed may lack members
+        for column in (index.keys, index.extensions, index.offsets, index.sizes):
+            column.pop()
+    return index
+
+
+def _octal_columns(fields: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Numeric header fields (one per row) -> (values, valid). Valid rows hold what ``_octal``
+    reads without doubt: one run of octal digits up to the first NUL, with only spaces around
+    it. Other rows (odd but maybe legal text, base-256) are left to ``_octal``."""
+    before_nul = np.cumsum(fields == 0, axis=1) == 0
+    digit = (fields >= ord("0")) & (fields <= ord("7")) & before_nul
+    other = before_nul & ~digit & (fields != ord(" "))
+    runs = (digit[:, 1:] & ~digit[:, :-1]).sum(axis=1) + digit[:, 0]
+    valid = ~other.any(axis=1) & (runs <= 1)
+    place = np.cumsum(digit[:, ::-1], axis=1)[:, ::-1] - digit
+    values = np.where(digit, (fields.astype(np.int64) - ord("0")) << (3 * place), 0).sum(axis=1)
+    return values, valid
+
+
+def _blocks(data) -> np.ndarray:
+    return np.frombuffer(data, dtype=np.uint8, count=(len(data) // 512) * 512).reshape(-1, 512)
+
+
+def _header_checksums_ok(blocks: np.ndarray) -> np.ndarray:
+    """Per 512-byte block: does it carry a plainly written checksum that matches its bytes?"""
+    # uint32 sums are exact (at most 512 x 255) and 2.5x faster than int64 ones.
+    computed = blocks.sum(axis=1, dtype=np.uint32) - blocks[:, 148:156].sum(axis=1, dtype=np.uint32) + 256
+    stored, valid = _octal_columns(blocks[:, 148:156])
+    return valid & (stored == computed)
+
+
+def _index_clean(data, extensions: tuple[str, ...]) -> TarIndex | None:
+    """The index of a clean ustar archive (plain files, names under 100 bytes, nothing cut
+    short) computed with array operations only; None for anything else.
+
+    Headers are found by their "ustar" magic and checksum, then proven to be the archive's
+    chain: the first is block 0, each one's size leads exactly to the next, the last to the
+    end-of-archive zeros. A walk in Python costs about 2 us per member: as much as a fifth
+    of decoding a 28x28 PNG."""
+    if len(data) % 512 or not len(data):
+        return None
+    blocks = _blocks(data)
+    candidates = np.flatnonzero((blocks[:, 257] == ord("u")) & (blocks[:, 258] == ord("s")) & (blocks[:, 259] == ord("t")))
+    headers = blocks[candidates]
+    if not len(candidates) or not _header_checksums_ok(headers).all():
+        return None
+    sizes, plain = _octal_columns(headers[:, 124:136])
+    if not plain.all():
+        return None
+    after = candidates + 1 + ((sizes + 511) >> 9)  # where the next header must be
+    end = int(after[-1])
+    if candidates[0] != 0 or (after[:-1] != candidates[1:]).any() or end > len(blocks) or blocks[end:].any():
+        return None  # not one chain from block 0 to zero blocks: the walk decides
+    if not np.isin(headers[:, 156], (ord("0"), 0)).all() or headers[:, 345].any() or headers[:, 99].any():
+        return None  # other member types, ustar prefixes or 100-byte names: the walk handles them
+    # Names -> key (up to the first dot after the last slash) and extension, as byte arrays.
+    width = int(np.flatnonzero(headers[:, :100].any(axis=0)).max(initial=0)) + 1  # the longest name
+    names = headers[:, :width]
+    column = np.arange(width, dtype=np.int16)
+    last_slash = np.where(names == ord("/"), column, np.int16(-1)).max(axis=1)
+    dots = (names == ord(".")) & (column > last_slash[:, None])
+    dot = np.where(dots.any(axis=1), dots.argmax(axis=1), width).astype(np.int16)
+    keys = np.where(column < dot[:, None], names, 0)
+    shifted = dot[:, None] + 1 + column  # the extension moved to the start of its row
+    exts = np.where(shifted < width, np.take_along_axis(names, np.minimum(shifted, width - 1), axis=1), 0)
+    exts = exts + (32 * ((exts >= ord("A")) & (exts <= ord("Z")))).astype(np.uint8)  # lower case
+    keys, exts = (np.ascontiguousarray(a).view(f"S{width}").ravel() for a in (keys, exts))
+    new_sample = np.ones(len(keys), dtype=bool)
+    new_sample[1:] = keys[1:] != keys[:-1]
+    sample = np.cumsum(new_sample) - 1
+    wanted = np.isin(exts, [e.encode() for e in extensions])
+    first, at = np.unique(sample[wanted], return_index=True)  # each sample's first wanted member
+    member = np.flatnonzero(wanted)[at]
+    count = int(sample[-1]) + 1
+    offsets, lengths, kinds = np.zeros(count, np.int64), np.zeros(count, np.int64), np.zeros(count, f"S{width}")
+    offsets[first], lengths[first], kinds[first] = (candidates[member] + 1) * 512, sizes[member], exts[member]
+    return TarIndex(
+        [k.decode() for k in keys[new_sample].tolist()],
+        [k.decode() or None for k in kinds.tolist()],
+        offsets.tolist(),
+        lengths.tolist(),
+    )
+
+
+def _walk(data, extensions: tuple[str, ...], end: int) -> tuple[TarIndex, list[int]]:
+    index, headers = TarIndex([], [], [], []), []
+    long_name, position = None, 0
+    try:
+        while position + 512 <= end:
+            header = data[position : position + 512]
+            if header == _END_BLOCK:
+                return index, headers
+            name, size, kind = _header(header)
+            headers.append(position)
+            start, position = position + 512, position + 512 + ((size + 511) & ~511)
+            if position > end:  # the member, or its padding to 512 bytes, is cut off
+                raise TarFormatError(f"unexpected end of data ({max(0, end - start)} of {position - start} bytes)")
+            if kind in (b"L", b"x"):
+                long_name = _long_name(kind, data[start : start + size])
+                continue
+            name, long_name = long_name or name, None
+            if kind not in _FILE_TYPES:
+                continue
+            key, ext = split_key(name)
+            if not index.keys or index.keys[-1] != key:
+                index.keys.append(key)
+                index.extensions.append(None)
+                index.offsets.append(0)
+                index.sizes.append(0)
+            if index.extensions[-1] is None and ext in extensions:
+                index.extensions[-1], index.offsets[-1], index.sizes[-1] = ext, start, size
+        if position < len(data):
+            raise TarFormatError("unexpected end of data in a header")
+    except (TarFormatError, ValueError, UnicodeDecodeError) as err:
+        index.error = str(err)
+    return index, headers
+
+
+def _first_bad_checksum(data, headers: list[int]) -> int | None:
+    """Offset of the first header whose checksum is wrong (or unreadable), if any."""
+    if not headers:
+        return None
+    blocks = _blocks(data)[np.asarray(headers) // 512]
+    for row in np.flatnonzero(~_header_checksums_ok(blocks)).tolist():
+        try:  # a row the plain check doubts: the exact parse decides
+            if not _checksum_ok(bytes(blocks[row])):
+                return headers[row]
+        except ValueError:
+            return headers[row]
+    return None
 
 
 class ShortShard(OSError):
