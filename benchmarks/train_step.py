@@ -6,12 +6,16 @@ Measures what the GPU does per optimizer step (forward, negative ELBO, backward,
 through Accelerate, as the trainer does, on one fixed batch of real images from the embedded
 dataset (resized to the config's resolution), so that the loader is not what is timed.
 Prints images/s and peak accelerator memory per precision, and the ratios to float32.
-On CPU only float32 is run (bf16 autocast on CPU is not a speed-up worth reporting).
+On CPU only float32 is run (bf16 autocast on CPU is not a speed-up worth reporting). Each
+precision runs in its own process: Accelerate fixes the precision once per process.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import subprocess
+import sys
 import time
 
 import torch
@@ -69,17 +73,30 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=0, help="0: the config's data.batch_size")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--precision", help=argparse.SUPPRESS)  # set for the child process of one precision
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     cfg = load_config(args.config, args.overrides)
-    batch = real_batch(cfg.model.resolution, cfg.model.channels, args.batch_size or cfg.data.batch_size)
+    if args.precision:
+        batch = real_batch(cfg.model.resolution, cfg.model.channels, args.batch_size or cfg.data.batch_size)
+        rate, peak = images_per_second(cfg, batch, args.precision, args.steps, args.warmup)
+        print(json.dumps({"rate": rate, "peak": peak, "batch": list(batch.shape)}))
+        return
     precisions = ["no", "bf16"] if torch.cuda.is_available() else ["no"]
+    results = {}
+    for precision in precisions:
+        child = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--precision", precision],
+                               capture_output=True, text=True)  # fmt: skip
+        if child.returncode:
+            sys.exit(f"{precision}: failed with status {child.returncode}\n{child.stderr[-3000:]}")
+        results[precision] = json.loads(child.stdout.strip().splitlines()[-1])
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
-    print(f"{args.config}: {sum(p.numel() for p in VAE(cfg.model).parameters()):,} parameters, batch {batch.shape[0]} "
-          f"of {tuple(batch.shape[1:])}, {args.steps} timed steps after {args.warmup}, on {device}")  # fmt: skip
-    results = {p: images_per_second(cfg, batch, p, args.steps, args.warmup) for p in precisions}
-    for precision, (rate, peak) in results.items():
-        print(f"  {precision:4s}  {rate:9.1f} images/s  {rate / results['no'][0]:5.2f}x float32  peak memory {peak:.2f} GiB")
+    batch = results["no"]["batch"]
+    print(f"{args.config}: {sum(p.numel() for p in VAE(cfg.model).parameters()):,} parameters, batch {batch[0]} "
+          f"of {tuple(batch[1:])}, {args.steps} timed steps after {args.warmup}, on {device}")  # fmt: skip
+    for precision, result in results.items():
+        print(f"  {precision:4s}  {result['rate']:9.1f} images/s  {result['rate'] / results['no']['rate']:5.2f}x float32  "
+              f"peak memory {result['peak']:.2f} GiB")  # fmt: skip
 
 
 if __name__ == "__main__":
