@@ -15,9 +15,9 @@ python3 -c "import sys, torch, accelerate; print('python', sys.version.split()[0
 
 echo "== 1. end to end on the GPU: quickstart config, bf16, 600 steps, 4 loader workers"
 start=$(date +%s)
-timeout 200 python3 -m pipeline.train --config configs/quickstart.yaml train.run_dir=/tmp/runs/quickstart \
+timeout 150 python3 -m pipeline.train --config configs/quickstart.yaml train.run_dir=/tmp/runs/quickstart \
   train.mixed_precision=bf16 tracking.enabled=false train.steps=600 train.eval_every=300 data.num_workers=4 \
-  2>&1 | grep -v "^\s*$" | tail -n 12
+  2>&1 | tr '\r' '\n' | grep -v -E "^\s*$|it/s" | tail -n 6
 echo "end to end: $(( $(date +%s) - start )) s"
 cp /tmp/runs/quickstart/summary.json "$OUT/quickstart_summary.json" 2>/dev/null
 cp /tmp/runs/quickstart/eval/final/report.json "$OUT/quickstart_report.json" 2>/dev/null
@@ -27,5 +27,7 @@ echo "== 2. model step throughput, float32 vs bf16"
 timeout 100 python3 benchmarks/train_step.py --config configs/cifar10.yaml --batch-size 32 --steps 20 --warmup 5
 timeout 100 python3 benchmarks/train_step.py --config configs/imagenet64.yaml --batch-size 16 --steps 10 --warmup 3
 
-echo "== 3. loader with 8 worker processes (16 cores)"
-timeout 120 python3 benchmarks/loader.py --data "$WHEELS/train-images-idx3-ubyte.gz" --processes 8 --repeats 2 --workdir /tmp
+echo "== 3. loader with 8 worker processes (16 cores), at 28x28 and at 64x64"
+timeout 100 python3 benchmarks/loader.py --data "$WHEELS/train-images-idx3-ubyte.gz" --processes 8 --repeats 2 --workdir /tmp
+timeout 100 python3 benchmarks/loader.py --data "$WHEELS/train-images-idx3-ubyte.gz" --processes 8 --repeats 2 --workdir /tmp \
+  --images 30000 --resolution 64
