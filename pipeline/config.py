@@ -63,7 +63,8 @@ class DataConfig:
     num_workers: int = 0
     """DataLoader worker processes per training process (0: read in the training process)."""
     shuffle_buffer: int = 1000
-    """Samples held in the in-memory shuffle buffer after the shard order is shuffled."""
+    """Window of the local sample shuffle after the shard order is shuffled: a sample moves at
+    most this many places, and at most about this many samples are read ahead of use."""
     seed: int = 0
     """Seed of the shard order and sample shuffle; the same on every rank."""
 

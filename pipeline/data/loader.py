@@ -84,6 +84,16 @@ def find_image(members: dict[str, bytes]) -> tuple[str | None, bytes]:
     return ext, members.get(ext, b"")
 
 
+def _uint8_batch(shape: tuple[int, ...]) -> torch.Tensor:
+    """An uninitialised uint8 tensor; in a DataLoader worker, in shared memory from the start
+    (as torch's default_collate does), so that handing it to the training process copies
+    nothing: otherwise the batch is copied once more into shared memory when it is sent."""
+    if get_worker_info() is None:
+        return torch.empty(shape, dtype=torch.uint8)
+    storage = torch.UntypedStorage._new_shared(math.prod(shape))
+    return torch.empty(0, dtype=torch.uint8).set_(storage).view(shape)
+
+
 def _worker() -> tuple[int, int]:
     info = get_worker_info()
     return (0, 1) if info is None else (info.id, info.num_workers)
@@ -163,12 +173,8 @@ class ShardDataset(IterableDataset):
             yield from self._resampled_batches(worker, start, self.batches_per_worker(self.epoch)[worker])
 
     def _assemble(self, images: list[np.ndarray], keys: list[str], worker: int, index: int, stats: WorkerStats) -> dict[str, Any]:
-        try:  # one copy into (N, C, H, W), instead of a tensor per image and a stack
-            return self._batch(np.ascontiguousarray(np.stack(images).transpose(0, 3, 1, 2)), keys, worker, index, stats)
-        except ValueError:
-            pass  # no images, or not all of one size
-        if images:
-            shapes = {i.shape for i in images}
+        shapes = {i.shape for i in images}
+        if len(shapes) > 1:
             # One odd-sized image must not kill the batch: keep the most common size.
             common = max(shapes, key=lambda s: sum(i.shape == s for i in images))
             odd = [k for i, k in zip(images, keys) if i.shape != common]
@@ -178,14 +184,17 @@ class ShardDataset(IterableDataset):
             keys = [k for i, k in zip(images, keys) if i.shape == common]
             images = [i for i in images if i.shape == common]
         if images:
-            pixels = np.ascontiguousarray(np.stack(images).transpose(0, 3, 1, 2))
+            height, width, channels = images[0].shape
+            batch = _uint8_batch((len(images), channels, height, width))
+            pixels = batch.numpy()
+            if channels == 1:  # (N, 1, H, W) and (N, H, W, 1) are the same bytes: one C-level copy
+                np.stack(images, out=pixels.reshape(len(images), height, width, 1))
+            else:
+                for j, image in enumerate(images):
+                    pixels[j] = image.transpose(2, 0, 1)
         else:
-            pixels = np.zeros((0, self.channels, 0, 0), dtype=np.uint8)
-        return self._batch(pixels, keys, worker, index, stats)
-
-    @staticmethod
-    def _batch(pixels: np.ndarray, keys: list[str], worker: int, index: int, stats: WorkerStats) -> dict[str, Any]:
-        return {"image": torch.from_numpy(pixels), "key": keys, "worker": worker, "index": index, "stats": dataclasses.asdict(stats)}
+            batch = torch.zeros(0, self.channels, 0, 0, dtype=torch.uint8)
+        return {"image": batch, "key": keys, "worker": worker, "index": index, "stats": dataclasses.asdict(stats)}
 
     def _add(self, images: list[np.ndarray], keys: list[str], sample: tuple, flip: bool, stats: WorkerStats) -> None:
         """Decode one (url, key, ext, payload) sample into ``images``, or count it as corrupt."""
