@@ -73,11 +73,13 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=0, help="0: the config's data.batch_size")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--cudnn-benchmark", action="store_true", help="let cuDNN time its conv algorithms first")
     parser.add_argument("--precision", help=argparse.SUPPRESS)  # set for the child process of one precision
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     cfg = load_config(args.config, args.overrides)
     if args.precision:
+        torch.backends.cudnn.benchmark = args.cudnn_benchmark
         batch = real_batch(cfg.model.resolution, cfg.model.channels, args.batch_size or cfg.data.batch_size)
         rate, peak = images_per_second(cfg, batch, args.precision, args.steps, args.warmup)
         print(json.dumps({"rate": rate, "peak": peak, "batch": list(batch.shape)}))
