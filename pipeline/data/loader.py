@@ -320,7 +320,10 @@ class MappedShards:
     def _close(self, number: int) -> None:
         data, _ = self.open.pop(number)
         if isinstance(data, mmap.mmap):
-            data.close()
+            try:
+                data.close()
+            except BufferError:  # a numpy view of it still lives (an exception's traceback): GC closes it
+                pass
 
     def close(self) -> None:
         for number in list(self.open):
