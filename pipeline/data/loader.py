@@ -21,10 +21,10 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import mmap
-import os
 import logging
 import math
+import mmap
+import os
 import random
 from dataclasses import dataclass
 from typing import Any
@@ -37,8 +37,15 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from pipeline.data.plan import Shard, WorkerPlan, batch_schedule, epoch_plan, even_batches
 from pipeline.data.streams import (
-    DataError, ShardStats, StreamOptions, TarIndex, index_tar, local_path, prefetch, read_shard,
-)  # fmt: skip
+    DataError,
+    ShardStats,
+    StreamOptions,
+    TarIndex,
+    index_tar,
+    local_path,
+    prefetch,
+    read_shard,
+)
 from pipeline.data.urls import resolve_shards
 
 log = logging.getLogger(__name__)
@@ -264,7 +271,7 @@ class ShardDataset(IterableDataset):
             yield self._assemble(images, keys, worker, index, stats)
 
 
-Sample = tuple[str, str, "str | None", bytes]  # (shard url, key, image extension or None, image bytes)
+Sample = tuple[str, str, str | None, bytes]  # (shard url, key, image extension or None, image bytes)
 
 
 class MappedShards:

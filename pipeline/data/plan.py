@@ -7,8 +7,9 @@ Everything here is pure arithmetic on shard sample counts (from the manifest), s
   instead: DDP hangs when one rank runs out of batches before the others);
 * the shuffled order of a worker's samples is known before any byte is read. The shuffle is a
   local shuffle over sample *positions* within a window (what WebDataset's shuffle buffer does
-  to the samples themselves), so it still streams; but a resumed run can compute which positions the first k
-  emissions used and skip them without decoding, and skip whole shards without opening them.
+  to the samples themselves), so it still streams; but a resumed run can compute which
+  positions the first k emissions used and skip them without decoding, and skip whole shards
+  without opening them.
 """
 
 from __future__ import annotations
