@@ -277,7 +277,10 @@ Sample = tuple[str, str, str | None, bytes]  # (shard url, key, image extension 
 class MappedShards:
     """Random access to a worker's planned samples in local shards: each shard is memory-mapped
     and indexed once (its headers walked), then any position costs a slice of the map. Nothing
-    is buffered: the page cache holds the bytes, and the shuffle order reads them directly."""
+    is buffered: the page cache holds the bytes, and the shuffle order reads them directly.
+
+    Shards must not be truncated in place while a run reads them (the kernel then kills the
+    reader with SIGBUS); replacing a file by rename, as ``pipeline-shards`` does, is safe."""
 
     def __init__(self, plan: WorkerPlan, needed: np.ndarray, options: StreamOptions, stats: WorkerStats) -> None:
         self.shards, self.stats = plan.shards, stats
