@@ -478,3 +478,17 @@ def test_window_shuffle_depends_only_on_the_seed():
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_window_of_one_is_the_identity(seed):
     np.testing.assert_array_equal(window_shuffle(500, 1, np.random.default_rng(seed)), np.arange(500))
+
+
+def test_a_name_that_is_not_utf8_is_an_error_not_a_crash(tmp_path):
+    good = write_tar(tmp_path / "good.tar", [("s0.png", b"a" * 10), ("s1.png", b"b" * 10), ("s2.png", b"c" * 10)])
+    data = bytearray(good)
+    header = 2 * 1024  # s2.png's header
+    data[header] = 0xFF  # the name's first byte: not UTF-8
+    data[header + 148 : header + 156] = b" " * 8
+    data[header + 148 : header + 156] = b"%06o\0 " % sum(data[header : header + 512])  # still a valid header
+    index = index_tar(bytes(data), EXTS)
+    keys, _, error = read_records(bytes(data))
+    # The streaming reader fails before it has seen s1 end; the index keeps the same samples.
+    assert isinstance(error, UnicodeDecodeError) and keys == ["s0"]
+    assert index.error and index.keys == keys

@@ -327,12 +327,15 @@ def _index_clean(data, extensions: tuple[str, ...]) -> TarIndex | None:
     count = int(sample[-1]) + 1
     offsets, lengths, kinds = np.zeros(count, np.int64), np.zeros(count, np.int64), np.zeros(count, f"S{width}")
     offsets[first], lengths[first], kinds[first] = (candidates[member] + 1) * 512, sizes[member], exts[member]
-    return TarIndex(
-        [k.decode() for k in keys[new_sample].tolist()],
-        [k.decode() or None for k in kinds.tolist()],
-        offsets.tolist(),
-        lengths.tolist(),
-    )
+    try:
+        return TarIndex(
+            [k.decode() for k in keys[new_sample].tolist()],
+            [k.decode() or None for k in kinds.tolist()],
+            offsets.tolist(),
+            lengths.tolist(),
+        )
+    except UnicodeDecodeError:
+        return None  # a name that is not UTF-8: the walk reports it as the streaming reader does
 
 
 def _walk(data, extensions: tuple[str, ...], end: int) -> tuple[TarIndex, list[int]]:
