@@ -42,7 +42,7 @@ from pipeline.data.streams import (
     StreamOptions,
     TarIndex,
     index_tar,
-    local_path,
+    mappable_path,
     prefetch,
     read_shard,
 )
@@ -222,8 +222,8 @@ class ShardDataset(IterableDataset):
         first = offsets[start_batch]
         stats.not_decoded = first
         needed = plan.order[first:]
-        local = all(local_path(s.url) is not None and not s.url.endswith((".gz", ".tgz")) for s in plan.shards)
-        source = (MappedShards if local else StreamedShards)(plan, needed, self.options, stats)
+        mappable = all(mappable_path(s.url) is not None for s in plan.shards)
+        source = (MappedShards if mappable else StreamedShards)(plan, needed, self.options, stats)
         order, flips = plan.order.tolist(), plan.flips.tolist()
         try:
             for index in range(start_batch, len(plan.batch_sizes)):
@@ -276,7 +276,7 @@ Sample = tuple[str, str, str | None, bytes]  # (shard url, key, image extension 
 
 class MappedShards:
     """Random access to a worker's planned samples in local shards: each shard is memory-mapped
-    and indexed once (its headers walked), then any position costs a slice of the map. Nothing
+    and indexed once (``index_tar``), then any position costs a slice of the map. Nothing
     is buffered: the page cache holds the bytes, and the shuffle order reads them directly.
 
     Shards must not be truncated in place while a run reads them (the kernel then kills the
@@ -312,7 +312,7 @@ class MappedShards:
         self.stats.shards_opened += 1
         data: Any = b""
         try:
-            with open(local_path(shard.url), "rb") as file:
+            with open(mappable_path(shard.url), "rb") as file:
                 if os.fstat(file.fileno()).st_size:
                     data = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ)
             index = index_tar(data, IMAGE_EXTENSIONS)

@@ -410,7 +410,7 @@ def read_shard(
             stream = open_url(url, options)
             with stream:
                 seekable = not is_remote(url)
-                if url.endswith((".tar.gz", ".tgz")):
+                if is_gzipped(url):
                     stream, seekable = gzip.GzipFile(fileobj=stream), False
                 for record in _records(stream, seekable, lambda i: i >= done and wanted(i), extensions):
                     last_key = record.key
@@ -456,3 +456,13 @@ def local_path(url: str) -> Path | None:
     if url.startswith("file://"):
         return Path(urllib.parse.urlparse(url).path)
     return None if is_remote(url) else Path(url)
+
+
+def is_gzipped(url: str) -> bool:
+    return url.endswith((".tar.gz", ".tgz"))
+
+
+def mappable_path(url: str) -> Path | None:
+    """The path of a shard whose tar bytes lie on local disk as they are (not gzipped): one
+    that can be memory-mapped and read at any offset."""
+    return None if is_gzipped(url) else local_path(url)
