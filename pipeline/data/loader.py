@@ -20,6 +20,7 @@ to floats happens on the training device, not here (4x less to copy between proc
 from __future__ import annotations
 
 import dataclasses
+import gc
 import io
 import logging
 import math
@@ -27,7 +28,7 @@ import mmap
 import os
 import random
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pyspng
@@ -35,6 +36,7 @@ import torch
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
+from pipeline.data.handoff import SlotReader, SlotWriter, shared_uint8
 from pipeline.data.plan import Shard, WorkerPlan, batch_schedule, epoch_plan, even_batches
 from pipeline.data.streams import (
     DataError,
@@ -91,16 +93,6 @@ def find_image(members: dict[str, bytes]) -> tuple[str | None, bytes]:
     return ext, members.get(ext, b"")
 
 
-def _uint8_batch(shape: tuple[int, ...]) -> torch.Tensor:
-    """An uninitialised uint8 tensor; in a DataLoader worker, in shared memory from the start
-    (as torch's default_collate does), so that handing it to the training process copies
-    nothing: otherwise the batch is copied once more into shared memory when it is sent."""
-    if get_worker_info() is None:
-        return torch.empty(shape, dtype=torch.uint8)
-    storage = torch.UntypedStorage._new_shared(math.prod(shape))
-    return torch.empty(0, dtype=torch.uint8).set_(storage).view(shape)
-
-
 def _worker() -> tuple[int, int]:
     info = get_worker_info()
     return (0, 1) if info is None else (info.id, info.num_workers)
@@ -135,6 +127,8 @@ class ShardDataset(IterableDataset):
         self.shuffle_buffer, self.seed, self.hflip = shuffle_buffer, seed, hflip and train
         self.options = options or StreamOptions()
         self.epoch, self.batches_taken = 0, 0
+        self.released: torch.Tensor | None = None  # set by EpochIterator: batches go through slots
+        self._writer: SlotWriter | None = None
         if mode == "resampled":
             total = sum(s.samples or 0 for s in shards)
             if epoch_batches == 0 and any(s.samples is None for s in shards):
@@ -172,14 +166,23 @@ class ShardDataset(IterableDataset):
         worker, num_workers = _worker()
         if num_workers != max(1, self.num_workers):
             raise RuntimeError(f"dataset planned for {self.num_workers} workers runs in {num_workers}")
+        in_worker = get_worker_info() is not None
+        if in_worker:
+            # The worker was forked from the training process: leave its objects out of our
+            # garbage collections, which would otherwise walk (and, by touching them, copy)
+            # that whole heap. Costs nothing: the lists are spliced, no object is touched.
+            gc.freeze()
+        self._writer = SlotWriter(self.released, worker) if in_worker and self.released is not None else None
         schedule = batch_schedule(self.batches_per_worker(self.epoch))
         start = sum(1 for w, _ in schedule[: self.batches_taken] if w == worker)
         if self.mode == "epoch":
-            yield from self._epoch_batches(self.plans(self.epoch, order_for=worker)[worker], worker, start)
+            batches = self._epoch_batches(self.plans(self.epoch, order_for=worker)[worker], worker, start)
         else:
-            yield from self._resampled_batches(worker, start, self.batches_per_worker(self.epoch)[worker])
+            batches = self._resampled_batches(worker, start, self.batches_per_worker(self.epoch)[worker])
+        yield from batches if self._writer is None else self._writer.messages(batches)
 
-    def _assemble(self, images: list[np.ndarray], keys: list[str], worker: int, index: int, stats: WorkerStats) -> dict[str, Any]:
+    def _assemble(self, images: list[np.ndarray], keys: list[str], flips: list[bool], worker: int, index: int,
+                  stats: WorkerStats) -> dict[str, Any]:  # fmt: skip
         shapes = {i.shape for i in images}
         if len(shapes) > 1:
             # One odd-sized image must not kill the batch: keep the most common size.
@@ -188,33 +191,42 @@ class ShardDataset(IterableDataset):
             log.warning("skipping %d image(s) of a size other than %s: %s", len(odd), common, odd[:5])
             stats.corrupt += len(odd)
             stats.decoded -= len(odd)
-            keys = [k for i, k in zip(images, keys) if i.shape == common]
-            images = [i for i in images if i.shape == common]
+            kept = [i.shape == common for i in images]
+            images, keys, flips = ([x for x, k in zip(column, kept) if k] for column in (images, keys, flips))
+        fields: dict[str, Any]
         if images:
             height, width, channels = images[0].shape
-            batch = _uint8_batch((len(images), channels, height, width))
+            batch, fields = self._batch_tensor((len(images), channels, height, width))
             pixels = batch.numpy()
             if channels == 1:  # (N, 1, H, W) and (N, H, W, 1) are the same bytes: one C-level copy
-                np.stack(images, out=pixels.reshape(len(images), height, width, 1))
+                np.concatenate(images, out=pixels.reshape(len(images) * height, width, 1))
             else:
                 for j, image in enumerate(images):
                     pixels[j] = image.transpose(2, 0, 1)
+            if any(flips):
+                pixels[flips] = pixels[flips, :, :, ::-1]
         else:
-            batch = torch.zeros(0, self.channels, 0, 0, dtype=torch.uint8)
-        return {"image": batch, "key": keys, "worker": worker, "index": index, "stats": dataclasses.asdict(stats)}
+            fields = {"image": torch.zeros(0, self.channels, 0, 0, dtype=torch.uint8)}
+        return {**fields, "key": keys, "worker": worker, "index": index, "stats": dataclasses.asdict(stats)}
 
-    def _add(self, images: list[np.ndarray], keys: list[str], sample: tuple, flip: bool, stats: WorkerStats) -> None:
-        """Decode one (url, key, ext, payload) sample into ``images``, or count it as corrupt."""
+    def _batch_tensor(self, shape: tuple[int, ...]) -> tuple[torch.Tensor, dict[str, Any]]:
+        """A uint8 tensor to fill, and the batch fields that stand for it once filled."""
+        if self._writer is not None:
+            return self._writer.batch(shape)
+        # In a worker, in shared memory from the start (as torch's default_collate does):
+        # otherwise the batch is copied once more into shared memory when it is sent.
+        tensor = shared_uint8(shape) if get_worker_info() is not None else torch.empty(shape, dtype=torch.uint8)
+        return tensor, {"image": tensor}
+
+    def _decode(self, sample: Sample, stats: WorkerStats) -> np.ndarray | None:
+        """A sample's pixels, or None (counted, named in a warning) if they cannot be decoded."""
         url, key, ext, payload = sample
         try:
-            pixels = decode_pixels(payload, ext, self.image_mode)
+            return decode_pixels(payload, ext, self.image_mode)
         except Exception as err:  # any decoder failure: skip, count, name it
             stats.corrupt += 1
             log.warning("skipping sample '%s' of shard %s: %s", key, url, err)
-            return
-        images.append(pixels[:, ::-1] if flip else pixels)
-        keys.append(key)
-        stats.decoded += 1
+            return None
 
     def _epoch_batches(self, plan: WorkerPlan, worker: int, start_batch: int):
         stats = WorkerStats()
@@ -224,19 +236,34 @@ class ShardDataset(IterableDataset):
         needed = plan.order[first:]
         mappable = all(mappable_path(s.url) is not None for s in plan.shards)
         source = (MappedShards if mappable else StreamedShards)(plan, needed, self.options, stats)
-        order, flips = plan.order.tolist(), plan.flips.tolist()
         try:
             for index in range(start_batch, len(plan.batch_sizes)):
-                images, keys = [], []
-                for position in order[offsets[index] : offsets[index + 1]]:
-                    sample = source.get(position)
-                    if sample is None:
-                        stats.missing += 1
-                    else:
-                        self._add(images, keys, sample, flips[position], stats)
-                yield self._assemble(images, keys, worker, index, stats)
+                positions = plan.order[offsets[index] : offsets[index + 1]]
+                images, keys, flips = self._decode_batch(source.take(positions), plan.flips[positions].tolist(), stats)
+                yield self._assemble(images, keys, flips, worker, index, stats)
         finally:
             source.close()
+
+    def _decode_batch(self, taken: Taken, flips: list[bool], stats: WorkerStats) -> tuple[list, list, list]:
+        """Decoded images, keys and flips of the samples that arrived and could be decoded."""
+        if None in taken.payloads:
+            present = [p is not None for p in taken.payloads]
+            stats.missing += present.count(False)
+            taken = Taken(*([x for x, keep in zip(column, present) if keep] for column in taken))
+            flips = [f for f, keep in zip(flips, present) if keep]
+        mode = self.image_mode
+        try:
+            # One comprehension, no per-sample bookkeeping: at 28x28, each microsecond spent
+            # around a decode is ~5% of it.
+            images = [decode_pixels(p, e, mode) for p, e in zip(taken.payloads, taken.extensions)]
+        except Exception:  # some sample is corrupt: go again one by one, to skip and name it
+            images = [self._decode(sample, stats) for sample in zip(*taken)]
+            kept = [i is not None for i in images]
+            images, keys, flips = ([x for x, keep in zip(column, kept) if keep] for column in (images, taken.keys, flips))
+        else:
+            keys = taken.keys
+        stats.decoded += len(images)
+        return images, keys, flips
 
     def _resampled_batches(self, worker: int, start_batch: int, total_batches: int):
         stats = WorkerStats()
@@ -260,18 +287,33 @@ class ShardDataset(IterableDataset):
 
         stream = samples()
         for index in range(start_batch, total_batches):
-            images, keys = [], []
+            images, keys, flips = [], [], []
             while len(images) < self.batch_size:
                 while len(buffer) < self.shuffle_buffer:
                     buffer.append(next(stream))
                 k = rng.randrange(len(buffer))
                 buffer[k], buffer[-1] = buffer[-1], buffer[k]
                 url, key, members = buffer.pop()
-                self._add(images, keys, (url, key, *find_image(members)), self.hflip and rng.random() < 0.5, stats)
-            yield self._assemble(images, keys, worker, index, stats)
+                flip = self.hflip and rng.random() < 0.5
+                pixels = self._decode((url, key, *find_image(members)), stats)
+                if pixels is not None:
+                    images.append(pixels)
+                    keys.append(key)
+                    flips.append(flip)
+                    stats.decoded += 1
+            yield self._assemble(images, keys, flips, worker, index, stats)
 
 
 Sample = tuple[str, str, str | None, bytes]  # (shard url, key, image extension or None, image bytes)
+
+
+class Taken(NamedTuple):
+    """Samples, as columns (a payload of None: the sample never arrived)."""
+
+    urls: list[str | None]
+    keys: list[str | None]
+    extensions: list[str | None]
+    payloads: list[bytes | None]
 
 
 class MappedShards:
@@ -285,27 +327,40 @@ class MappedShards:
     def __init__(self, plan: WorkerPlan, needed: np.ndarray, options: StreamOptions, stats: WorkerStats) -> None:
         self.shards, self.stats = plan.shards, stats
         self.starts = plan.shard_starts
+        self.owner = np.repeat(np.arange(len(self.shards)), [s.samples for s in self.shards])  # shard of each position
         # How many positions each shard still has to give: a shard is unmapped at zero, and
         # shards nobody needs (after a resume) are never opened.
-        self.owner = np.repeat(np.arange(len(self.shards)), [s.samples for s in self.shards]).tolist()  # by position
-        self.remaining = np.bincount(np.asarray(self.owner, dtype=np.int64)[needed], minlength=len(self.shards)).tolist()
-        stats.shards_skipped += sum(1 for n in self.remaining if n == 0)
-        self.open: dict[int, tuple[Any, TarIndex]] = {}
+        self.remaining = np.bincount(self.owner[needed], minlength=len(self.shards))
+        stats.shards_skipped += int((self.remaining == 0).sum())
+        self.maps: list[Any] = [None] * len(self.shards)  # the open shards' bytes
+        self.opened = [False] * len(self.shards)
+        # Per position, filled when its shard is opened: where its image lies (size -1: the
+        # shard stopped before it), its key and its image's extension.
+        self.offsets = np.zeros(plan.samples, dtype=np.int64)
+        self.sizes = np.full(plan.samples, -1, dtype=np.int64)
+        self.keys: list[str | None] = [None] * plan.samples
+        self.extensions: list[str | None] = [None] * plan.samples
 
-    def get(self, position: int) -> Sample | None:
-        number = self.owner[position]
-        data, index = self.open.get(number) or self._open(number)
-        i = position - self.starts[number]
-        sample = None  # past the shard's end: it stopped early (counted as missing)
-        if i < len(index.keys):
-            offset = index.offsets[i]
-            sample = self.shards[number].url, index.keys[i], index.extensions[i], data[offset : offset + index.sizes[i]]
-        self.remaining[number] -= 1
-        if self.remaining[number] == 0:
+    def take(self, positions: np.ndarray) -> Taken:
+        """The samples at ``positions``, in that order; a missing one has payload None."""
+        numbers = self.owner[positions]
+        for number in set(numbers.tolist()):
+            if not self.opened[number]:
+                self._open(number)
+        maps, order = self.maps, positions.tolist()
+        taken = Taken(
+            [self.shards[n].url for n in numbers.tolist()],
+            [self.keys[p] for p in order],
+            [self.extensions[p] for p in order],
+            [maps[n][o : o + s] if s >= 0 else None
+             for n, o, s in zip(numbers.tolist(), self.offsets[positions].tolist(), self.sizes[positions].tolist())],
+        )  # fmt: skip
+        self.remaining -= np.bincount(numbers, minlength=len(self.shards))
+        for number in np.flatnonzero((self.remaining == 0) & np.asarray(self.opened)).tolist():
             self._close(number)
-        return sample
+        return taken
 
-    def _open(self, number: int) -> tuple[Any, TarIndex]:
+    def _open(self, number: int) -> None:
         shard = self.shards[number]
         if number + 1 < len(self.shards):
             prefetch(self.shards[number + 1].url)
@@ -324,11 +379,15 @@ class MappedShards:
         elif len(index.keys) > shard.samples:
             log.warning("shard %s has more samples than its manifest says (%d); ignoring '%s' and after",
                         shard.url, shard.samples, index.keys[shard.samples])  # fmt: skip
-        self.open[number] = data, index
-        return data, index
+        n, start = min(len(index.keys), shard.samples), self.starts[number]
+        self.offsets[start : start + n] = index.offsets[:n]
+        self.sizes[start : start + n] = index.sizes[:n]
+        self.keys[start : start + n] = index.keys[:n]
+        self.extensions[start : start + n] = index.extensions[:n]
+        self.maps[number], self.opened[number] = data, True
 
     def _close(self, number: int) -> None:
-        data, _ = self.open.pop(number)
+        data, self.maps[number] = self.maps[number], None
         if isinstance(data, mmap.mmap):
             try:
                 data.close()
@@ -336,8 +395,9 @@ class MappedShards:
                 pass
 
     def close(self) -> None:
-        for number in list(self.open):
-            self._close(number)
+        for number, data in enumerate(self.maps):
+            if data is not None:
+                self._close(number)
 
 
 class StreamedShards:
@@ -353,7 +413,12 @@ class StreamedShards:
     def _is_lost(self, position: int) -> bool:
         return any(a <= position < b for a, b in self.lost)
 
-    def get(self, position: int) -> Sample | None:
+    def take(self, positions: np.ndarray) -> Taken:
+        """The samples at ``positions``, in that order; one that never arrived has payload None."""
+        samples = [self._get(p) or (None, None, None, None) for p in positions.tolist()]
+        return Taken(*map(list, zip(*samples))) if samples else Taken([], [], [], [])
+
+    def _get(self, position: int) -> Sample | None:
         while position not in self.pending and not (self.lost and self._is_lost(position)):
             event = next(self.records, None)
             if event is None:  # the reader ended: everything not read is lost
@@ -426,7 +491,7 @@ def make_loader(
         batch_size=None,
         num_workers=dataset.num_workers,
         persistent_workers=False,
-        pin_memory=torch.cuda.is_available(),
+        pin_memory=False,  # EpochIterator pins; torch's pin thread would copy a worker's slots once
         # Its own generator: otherwise every iter() draws from the global torch RNG, and a
         # resumed run (which starts a fresh iterator) would draw different latent noise.
         generator=torch.Generator().manual_seed(dataset.seed),
@@ -441,6 +506,7 @@ class EpochIterator:
     The position is (epoch, batches taken in that epoch). The order within an epoch is the
     round-robin over workers that ``batch_schedule`` defines; batches that arrive out of that
     order (after a resume, the DataLoader starts its round-robin at worker 0) wait here.
+    Workers hand batches over through reused slots of shared memory (``handoff.py``).
     It also totals the workers' fault counts and stops the run when too much data is lost.
     """
 
@@ -449,6 +515,7 @@ class EpochIterator:
         self.max_skip_fraction = max_skip_fraction
         self.epoch, self.batches_in_epoch = 0, 0
         self._iterator = None
+        self._reader: SlotReader | None = None
         self._totals: dict[str, int] = {}  # fault counts of finished epochs
         self._current: dict[int, dict[str, int]] = {}  # latest counts per worker, this epoch
 
@@ -457,7 +524,7 @@ class EpochIterator:
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.epoch, self.batches_in_epoch = state["epoch"], state["batches_in_epoch"]
-        self._iterator = None
+        self.close()
 
     def counts(self) -> dict[str, int]:
         """Fault and work counts of this process since it started (all epochs)."""
@@ -473,13 +540,24 @@ class EpochIterator:
         if not self._schedule:
             raise DataError(f"epoch {self.epoch} has no batches for rank {self.dataset.rank}")
         self._planned = self.dataset.planned_samples(self.epoch)
+        self._reader = SlotReader(self.dataset.num_workers)
+        self.dataset.released = self._reader.released  # before iter(): the workers start there
         self._iterator, self._held = iter(self.loader), {}
+
+    def close(self) -> None:
+        """Stop the workers now (the next batch starts them again, at the current position)."""
+        if getattr(self, "_reader", None) is not None:  # (also from __del__ of a half-made one)
+            self._reader.abandon()
+        self._iterator, self._reader = None, None
+
+    def __del__(self) -> None:
+        self.close()
 
     def _end_epoch(self) -> None:
         self._totals = self.counts()
         self._current = {}
         self.epoch, self.batches_in_epoch = self.epoch + 1, 0
-        self._iterator = None
+        self.close()
 
     def __iter__(self):
         return self
@@ -493,10 +571,11 @@ class EpochIterator:
         wanted = self._schedule[self.batches_in_epoch]
         while wanted not in self._held:
             try:
-                batch = next(self._iterator)
+                item = next(self._iterator)
             except StopIteration:
                 raise DataError(f"the loader ended before batch {wanted} of epoch {self.epoch}") from None
-            self._held[(batch["worker"], batch["index"])] = batch
+            for batch in self._reader.take(item):
+                self._held[(batch["worker"], batch["index"])] = batch
         batch = self._held.pop(wanted)
         self._current[batch["worker"]] = batch["stats"]
         self.batches_in_epoch += 1
