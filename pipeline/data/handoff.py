@@ -75,7 +75,8 @@ class SlotWriter:
         pending: list[dict[str, Any]] = []
         for batch in batches:
             pending.append(batch)
-            if self.used is None or self.used >= MESSAGE_BYTES:
+            # The first message holds one batch: training starts as soon as that is ready.
+            if self.used is None or self.used >= MESSAGE_BYTES or self.sent == 0:
                 yield self._message(pending)
                 pending = []
         if pending:
