@@ -3,7 +3,10 @@
 # CUDA in bf16, the model's step throughput in float32 vs bf16, and the loader with 8 workers.
 # The machine has torch and accelerate but not pyspng or webdataset, and no ../shared: carry
 # their wheels and Fashion-MNIST's train-images-idx3-ubyte.gz in $WHEELS (default .gpu/).
+# Arguments pick sections (e2e, steps, loader); none runs all three.
 set -uo pipefail
+SECTIONS=${*:-e2e steps loader}
+want() { [[ " $SECTIONS " == *" $1 "* ]]; }
 cd "$(dirname "$0")/.."
 WHEELS=${WHEELS:-.gpu}
 OUT=${OUT:-/tmp/gpu_check}
@@ -13,6 +16,7 @@ export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 TQDM_DISABLE=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import sys, torch, accelerate; print('python', sys.version.split()[0], 'torch', torch.__version__, 'accelerate', accelerate.__version__, 'cpus', __import__('os').cpu_count())"
 
+if want e2e; then
 echo "== 1. end to end on the GPU: quickstart config, bf16, 600 steps, 4 loader workers"
 start=$(date +%s)
 timeout 150 python3 -m pipeline.train --config configs/quickstart.yaml train.run_dir=/tmp/runs/quickstart \
@@ -22,12 +26,17 @@ echo "end to end: $(( $(date +%s) - start )) s"
 cp /tmp/runs/quickstart/summary.json "$OUT/quickstart_summary.json" 2>/dev/null
 cp /tmp/runs/quickstart/eval/final/report.json "$OUT/quickstart_report.json" 2>/dev/null
 ls /tmp/runs/quickstart /tmp/runs/quickstart/checkpoints /tmp/runs/quickstart/encoder 2>&1 | tr '\n' ' '; echo
+fi
 
+if want steps; then
 echo "== 2. model step throughput, float32 vs bf16"
 timeout 100 python3 benchmarks/train_step.py --config configs/cifar10.yaml --batch-size 32 --steps 20 --warmup 5
 timeout 100 python3 benchmarks/train_step.py --config configs/imagenet64.yaml --batch-size 16 --steps 10 --warmup 3
+fi
 
+if want loader; then
 echo "== 3. loader with 8 worker processes (16 cores), at 28x28 and at 64x64"
 timeout 100 python3 benchmarks/loader.py --data "$WHEELS/train-images-idx3-ubyte.gz" --processes 8 --repeats 2 --workdir /tmp
 timeout 100 python3 benchmarks/loader.py --data "$WHEELS/train-images-idx3-ubyte.gz" --processes 8 --repeats 2 --workdir /tmp \
   --images 30000 --resolution 64
+fi
