@@ -333,7 +333,7 @@ class MappedShards:
         self.remaining = np.bincount(self.owner[needed], minlength=len(self.shards))
         stats.shards_skipped += int((self.remaining == 0).sum())
         self.maps: list[Any] = [None] * len(self.shards)  # the open shards' bytes
-        self.opened = [False] * len(self.shards)
+        self.is_open = np.zeros(len(self.shards), dtype=bool)
         # Per position, filled when its shard is opened: where its image lies (size -1: the
         # shard stopped before it), its key and its image's extension.
         self.offsets = np.zeros(plan.samples, dtype=np.int64)
@@ -345,7 +345,7 @@ class MappedShards:
         """The samples at ``positions``, in that order; a missing one has payload None."""
         numbers = self.owner[positions]
         for number in set(numbers.tolist()):
-            if not self.opened[number]:
+            if not self.is_open[number]:
                 self._open(number)
         maps, order = self.maps, positions.tolist()
         taken = Taken(
@@ -356,7 +356,7 @@ class MappedShards:
              for n, o, s in zip(numbers.tolist(), self.offsets[positions].tolist(), self.sizes[positions].tolist())],
         )  # fmt: skip
         self.remaining -= np.bincount(numbers, minlength=len(self.shards))
-        for number in np.flatnonzero((self.remaining == 0) & np.asarray(self.opened)).tolist():
+        for number in np.flatnonzero((self.remaining == 0) & self.is_open).tolist():
             self._close(number)
         return taken
 
@@ -384,10 +384,10 @@ class MappedShards:
         self.sizes[start : start + n] = index.sizes[:n]
         self.keys[start : start + n] = index.keys[:n]
         self.extensions[start : start + n] = index.extensions[:n]
-        self.maps[number], self.opened[number] = data, True
+        self.maps[number], self.is_open[number] = data, True
 
     def _close(self, number: int) -> None:
-        data, self.maps[number] = self.maps[number], None
+        data, self.maps[number], self.is_open[number] = self.maps[number], None, False
         if isinstance(data, mmap.mmap):
             try:
                 data.close()
@@ -395,9 +395,8 @@ class MappedShards:
                 pass
 
     def close(self) -> None:
-        for number, data in enumerate(self.maps):
-            if data is not None:
-                self._close(number)
+        for number in np.flatnonzero(self.is_open).tolist():
+            self._close(number)
 
 
 class StreamedShards:
@@ -491,7 +490,9 @@ def make_loader(
         batch_size=None,
         num_workers=dataset.num_workers,
         persistent_workers=False,
-        pin_memory=False,  # EpochIterator pins; torch's pin thread would copy a worker's slots once
+        # EpochIterator pins. Torch's pin thread would pin a copy of a worker's slot segment the
+        # one time it is sent, and later batches would then be read from that stale copy.
+        pin_memory=False,
         # Its own generator: otherwise every iter() draws from the global torch RNG, and a
         # resumed run (which starts a fresh iterator) would draw different latent noise.
         generator=torch.Generator().manual_seed(dataset.seed),
