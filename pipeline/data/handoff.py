@@ -28,7 +28,9 @@ from typing import Any
 import torch
 
 MESSAGE_BYTES = 1 << 20  # at ~0.1 ms per message, under 1% of decoding a megabyte of pixels
-SLOT_MAX_BYTES = 4 << 20
+# Above this, copying a batch out of its slot (into fresh pages, faulted in one by one) costs
+# about what its own segment would: the slots gain nothing, and hold more shared memory.
+SLOT_MAX_BYTES = 1 << 20
 # Slots per worker. The DataLoader delivers messages in the order it asked for them, and the
 # one it waits for next was asked of a worker with nothing older undelivered: that worker
 # always has a free slot, so waiting for one never deadlocks.
