@@ -3,7 +3,9 @@
     python benchmarks/loader.py [--images 60000] [--processes 2] [--batch-size 256]
 
 1. raw decode limit: the same PNG bytes decoded (with the loader's own decode function) in a
-   tight loop by the same number of processes: what no loader reading these bytes can beat;
+   tight loop by the same number of processes, each holding its share already: what a loader
+   reading these bytes should not beat (it can by a little: the limit walks one long list of
+   bytes objects, the loader one shard at a time, which caches better);
 2. our loader: shards -> epoch plan -> tar reading -> shuffle -> decode -> batches, with
    ``--processes`` DataLoader workers, one full epoch;
 3. a per-file folder loader: one PNG file per image and a map-style Dataset that opens each
