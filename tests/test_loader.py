@@ -141,6 +141,18 @@ def test_hflip_mirrors_some_images(dataset_dir):
     assert mirrored + unchanged == N_SAMPLES and 20 < mirrored < N_SAMPLES - 20
 
 
+def test_an_image_of_another_size_is_skipped_and_the_rest_keep_their_keys(tmp_path):
+    samples = _images(20)
+    samples[5] = ("s0005", np.zeros((10, 10, 3), dtype=np.uint8), {})  # every other image is 8x8
+    write_dataset(tmp_path, {"train": iter(samples)}, 10, {})
+    iterator = rank_iterator(f"{tmp_path}/manifest.json#train", 0, world_size=1, num_workers=0, hflip=True)
+    pairs = {k: img for b in one_epoch(_with_images(iterator)) for k, img in b}
+    assert set(pairs) == {key for key, _, _ in samples} - {"s0005"}
+    truth = {key: torch.from_numpy(image).permute(2, 0, 1) for key, image, _ in samples}
+    assert all(torch.equal(img, truth[k]) or torch.equal(img, truth[k].flip(-1)) for k, img in pairs.items())
+    assert iterator.counts()["corrupt"] == 1
+
+
 class _with_images:
     """Adapts an EpochIterator to yield (key, image) pairs per batch, for one_epoch."""
 

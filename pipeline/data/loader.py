@@ -191,8 +191,7 @@ class ShardDataset(IterableDataset):
             log.warning("skipping %d image(s) of a size other than %s: %s", len(odd), common, odd[:5])
             stats.corrupt += len(odd)
             stats.decoded -= len(odd)
-            kept = [i.shape == common for i in images]
-            images, keys, flips = ([x for x, k in zip(column, kept) if k] for column in (images, keys, flips))
+            images, keys, flips = _kept([i.shape == common for i in images], images, keys, flips)
         fields: dict[str, Any]
         if images:
             height, width, channels = images[0].shape
@@ -249,8 +248,8 @@ class ShardDataset(IterableDataset):
         if None in taken.payloads:
             present = [p is not None for p in taken.payloads]
             stats.missing += present.count(False)
-            taken = Taken(*([x for x, keep in zip(column, present) if keep] for column in taken))
-            flips = [f for f, keep in zip(flips, present) if keep]
+            *columns, flips = _kept(present, *taken, flips)
+            taken = Taken(*columns)
         mode = self.image_mode
         try:
             # One comprehension, no per-sample bookkeeping: at 28x28, each microsecond spent
@@ -258,8 +257,7 @@ class ShardDataset(IterableDataset):
             images = [decode_pixels(p, e, mode) for p, e in zip(taken.payloads, taken.extensions)]
         except Exception:  # some sample is corrupt: go again one by one, to skip and name it
             images = [self._decode(sample, stats) for sample in zip(*taken)]
-            kept = [i is not None for i in images]
-            images, keys, flips = ([x for x, keep in zip(column, kept) if keep] for column in (images, taken.keys, flips))
+            images, keys, flips = _kept([i is not None for i in images], images, taken.keys, flips)
         else:
             keys = taken.keys
         stats.decoded += len(images)
@@ -305,6 +303,11 @@ class ShardDataset(IterableDataset):
 
 
 Sample = tuple[str, str, str | None, bytes]  # (shard url, key, image extension or None, image bytes)
+
+
+def _kept(keep: list[bool], *columns: list) -> list[list]:
+    """Each column (one item per sample) with only the samples ``keep`` marks."""
+    return [[x for x, k in zip(column, keep) if k] for column in columns]
 
 
 class Taken(NamedTuple):
