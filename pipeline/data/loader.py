@@ -347,16 +347,17 @@ class MappedShards:
     def take(self, positions: np.ndarray) -> Taken:
         """The samples at ``positions``, in that order; a missing one has payload None."""
         numbers = self.owner[positions]
-        for number in set(numbers.tolist()):
+        shard_of = numbers.tolist()
+        for number in set(shard_of):
             if not self.is_open[number]:
                 self._open(number)
         maps, order = self.maps, positions.tolist()
         taken = Taken(
-            [self.shards[n].url for n in numbers.tolist()],
+            [self.shards[n].url for n in shard_of],
             [self.keys[p] for p in order],
             [self.extensions[p] for p in order],
             [maps[n][o : o + s] if s >= 0 else None
-             for n, o, s in zip(numbers.tolist(), self.offsets[positions].tolist(), self.sizes[positions].tolist())],
+             for n, o, s in zip(shard_of, self.offsets[positions].tolist(), self.sizes[positions].tolist())],
         )  # fmt: skip
         self.remaining -= np.bincount(numbers, minlength=len(self.shards))
         for number in np.flatnonzero((self.remaining == 0) & self.is_open).tolist():
