@@ -3,8 +3,10 @@
     <run_dir>/checkpoints/step_000200/
         model.safetensors       the weights (the model config rides in the metadata)
         ema.safetensors         their exponential moving average
-        optimizer.safetensors   optimizer tensors; everything else of its state_dict as JSON
-                                in the file's metadata
+        optimizer.safetensors   optimizer tensors by parameter name ("exp_avg/<name>"), their
+                                step and hyperparameters as JSON in the file's metadata: the
+                                same file whatever strategy (DDP, ZeRO-2/3) and number of
+                                processes wrote it, so any of them can resume it
         state.json              step, data position and RNG per rank, scheduler, config, ...
 
 A checkpoint is written into a hidden temporary directory, every file fsync'ed, then renamed
@@ -20,6 +22,7 @@ import os
 import random
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -50,30 +53,65 @@ def latest_checkpoint(root: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
-# --- optimizer state without pickle -------------------------------------------------------
+# --- optimizer state without pickle, keyed by parameter name ----------------------------------
+#
+# torch keys optimizer state by parameter position, DeepSpeed by flat partitions of its own. A
+# checkpoint that any strategy can resume holds neither: it holds each parameter's full state
+# under the parameter's name ("exp_avg/top_down.blocks.0.prior.c1.weight"), plus the scalars.
+# ``PortableOptimizerState`` is that form; the strategies convert to and from it.
+
+OPTIMIZER_FORMAT = 2  # 1: torch's state_dict flattened as "state.<position>.<key>" (read, not written)
 
 
-def flatten_optimizer_state(state_dict: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Split ``optimizer.state_dict()`` into tensors (for safetensors) and a JSON-able rest."""
-    tensors: dict[str, torch.Tensor] = {}
-    rest: dict[str, Any] = {"param_groups": state_dict["param_groups"], "state": {}}
-    for param_id, values in state_dict["state"].items():
-        plain = {}
-        for name, value in values.items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"state.{param_id}.{name}"] = value.detach().contiguous().cpu()
-            else:
-                plain[name] = value
-        rest["state"][str(param_id)] = plain
-    return tensors, rest
+@dataclass
+class PortableOptimizerState:
+    tensors: dict[str, dict[str, torch.Tensor]]  # parameter name -> {"exp_avg": ..., "exp_avg_sq": ...}
+    step: int  # optimizer updates so far (Adam's bias correction)
+    param_groups: list[dict[str, Any]]  # hyperparameters per group, "params" as parameter names
 
 
-def unflatten_optimizer_state(tensors: dict[str, torch.Tensor], rest: dict[str, Any]) -> dict[str, Any]:
-    state: dict[int, dict[str, Any]] = {int(k): dict(v) for k, v in rest["state"].items()}
-    for key, tensor in tensors.items():
-        _, param_id, name = key.split(".", 2)
-        state.setdefault(int(param_id), {})[name] = tensor
-    return {"state": state, "param_groups": rest["param_groups"]}
+def portable_from_torch(state_dict: dict[str, Any], names: list[str]) -> PortableOptimizerState:
+    """torch's ``optimizer.state_dict()`` (params by position in ``names``) -> by name."""
+    tensors, steps = {}, set()
+    for position, values in state_dict["state"].items():
+        tensors[names[int(position)]] = {k: v for k, v in values.items() if isinstance(v, torch.Tensor) and k != "step"}
+        steps.add(int(values.get("step", 0)))
+    groups = [{**g, "params": [names[i] for i in g["params"]]} for g in state_dict["param_groups"]]
+    return PortableOptimizerState(tensors, max(steps, default=0), groups)
+
+
+def torch_from_portable(portable: PortableOptimizerState, names: list[str]) -> dict[str, Any]:
+    """By name -> the ``state_dict`` a torch optimizer over parameters ``names`` (in order) loads."""
+    position = {name: i for i, name in enumerate(names)}
+    state = {position[n]: {"step": torch.tensor(float(portable.step)), **values} for n, values in portable.tensors.items()}
+    groups = [{**g, "params": [position[n] for n in g["params"]]} for g in portable.param_groups]
+    return {"state": state, "param_groups": groups}
+
+
+def _save_optimizer(portable: PortableOptimizerState, path: Path) -> None:
+    tensors = {f"{key}/{name}": value.detach().contiguous().cpu()
+               for name, values in portable.tensors.items() for key, value in values.items()}  # fmt: skip
+    rest = {"format": OPTIMIZER_FORMAT, "step": portable.step, "param_groups": portable.param_groups}
+    save_file(tensors, path, metadata={"rest": json.dumps(rest)})
+
+
+def _load_optimizer(path: Path, names: list[str] | None) -> PortableOptimizerState:
+    flat = load_file(path)
+    with safe_open(path, "pt") as f:
+        rest = json.loads(f.metadata()["rest"])
+    if rest.get("format", 1) == 1:  # torch's positions: the model's parameter order gives the names
+        if names is None:
+            raise ValueError(f"{path} keys optimizer state by parameter position; the parameter names are needed")
+        state: dict[int, dict[str, Any]] = {int(k): dict(v) for k, v in rest["state"].items()}
+        for key, tensor in flat.items():
+            _, position, name = key.split(".", 2)
+            state.setdefault(int(position), {})[name] = tensor
+        return portable_from_torch({"state": state, "param_groups": rest["param_groups"]}, names)
+    tensors: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in flat.items():
+        kind, name = key.split("/", 1)
+        tensors.setdefault(name, {})[kind] = tensor
+    return PortableOptimizerState(tensors, rest["step"], rest["param_groups"])
 
 
 # --- RNG state as JSON -----------------------------------------------------------------------
@@ -121,7 +159,7 @@ def save_checkpoint(
     root: str | Path,
     step: int,
     model_state: dict[str, torch.Tensor],
-    optimizer_state: dict[str, Any],
+    optimizer_state: PortableOptimizerState,
     state: dict[str, Any],
     keep_last: int,
     model_metadata: dict[str, str] | None = None,
@@ -139,8 +177,7 @@ def save_checkpoint(
     save_file({k: v.detach().contiguous().cpu() for k, v in model_state.items()}, tmp / MODEL_FILE, metadata=model_metadata)
     if ema_state is not None:
         save_file({k: v.detach().contiguous().cpu() for k, v in ema_state.items()}, tmp / EMA_FILE, metadata=model_metadata)
-    tensors, rest = flatten_optimizer_state(optimizer_state)
-    save_file(tensors, tmp / OPTIMIZER_FILE, metadata={"rest": json.dumps(rest)})
+    _save_optimizer(optimizer_state, tmp / OPTIMIZER_FILE)
     (tmp / STATE_FILE).write_text(json.dumps({"step": step, **state}, indent=1) + "\n")
     for f in tmp.iterdir():
         _fsync(f)
@@ -162,15 +199,16 @@ def load_ema(path: str | Path) -> dict[str, torch.Tensor] | None:
     return load_file(file) if file.exists() else None
 
 
-def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
-    """Returns (model weights, optimizer state_dict, state.json contents)."""
+def load_checkpoint(
+    path: str | Path, parameter_names: list[str] | None = None
+) -> tuple[dict[str, torch.Tensor], PortableOptimizerState, dict[str, Any]]:
+    """Returns (model weights, optimizer state by parameter name, state.json contents).
+    ``parameter_names`` (the model's, in order) are needed only for checkpoints written before
+    the optimizer state was keyed by name."""
     path = Path(path)
     model_state = load_file(path / MODEL_FILE)
-    opt_tensors = load_file(path / OPTIMIZER_FILE)
-    with safe_open(path / OPTIMIZER_FILE, "pt") as f:
-        rest = json.loads(f.metadata()["rest"])
     state = json.loads((path / STATE_FILE).read_text())
-    return model_state, unflatten_optimizer_state(opt_tensors, rest), state
+    return model_state, _load_optimizer(path / OPTIMIZER_FILE, parameter_names), state
 
 
 def remove_stale_temporaries(root: str | Path) -> None:

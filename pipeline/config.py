@@ -221,7 +221,14 @@ class TrainConfig:
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     """Autocast precision; ``no`` is float32 (the default, and the only sensible one on CPU)."""
     grad_accum_steps: int = 1
-    """Micro-batches accumulated per optimizer step."""
+    """Micro-batches accumulated per optimizer step (the global batch is data.batch_size x this
+    x processes; DeepSpeed's gradient_accumulation_steps is derived from it)."""
+    collective_timeout: float = 600.0
+    """Seconds a process waits in a collective (all-reduce, barrier) before it fails the run: a
+    rank that died or hangs stops the others within this time instead of hanging the job."""
+    eval_at_start: bool = True
+    """Evaluate the untrained model at step 0 (the baseline of the run's figures). On a CPU the
+    whole held-out set plus diagnostics can take minutes; turn it off for short runs."""
     log_every: int = 10
     """Steps between training metric logs."""
     eval_every: int = 200
@@ -237,7 +244,7 @@ class TrainConfig:
     """Steps between sample/reconstruction grids logged as images (and at the end)."""
 
     def __post_init__(self) -> None:
-        _check_positive(self, "steps", "grad_accum_steps", "log_every", "eval_every", "image_every")
+        _check_positive(self, "steps", "grad_accum_steps", "log_every", "eval_every", "image_every", "collective_timeout")
         _check_non_negative(self, "eval_batches", "final_iw_samples")
 
 
@@ -247,6 +254,10 @@ class CheckpointConfig:
     """Steps between checkpoints (one is always written at the end)."""
     keep_last: int = 3
     """Newest checkpoints kept; older ones are deleted after a new one is complete."""
+    resume_from: str = ""
+    """A checkpoint directory (``.../checkpoints/step_000200``, e.g. another run's) to start
+    from when ``train.run_dir`` has none of its own: weights, optimizer, EMA, data position.
+    Any strategy and number of processes can resume any checkpoint."""
 
     def __post_init__(self) -> None:
         _check_positive(self, "every", "keep_last")

@@ -12,7 +12,10 @@ from torch import nn
 class EMA:
     def __init__(self, model: nn.Module, decay: float) -> None:
         self.decay = decay
-        self.shadow = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        # Float32 whatever the weights are (bf16 under DeepSpeed's bf16): an average of small
+        # steps rounded to bf16 every step would stop moving.
+        self.shadow = {k: v.detach().clone().float() if v.is_floating_point() else v.detach().clone()
+                       for k, v in model.state_dict().items()}  # fmt: skip
 
     def decay_at(self, step: int) -> float:
         # Warm-up: with 0.9999 from step 0, the average would sit at the initial weights for
@@ -24,7 +27,7 @@ class EMA:
         keep = self.decay_at(step)
         for key, value in model.state_dict().items():
             if value.dtype.is_floating_point:
-                self.shadow[key].lerp_(value.detach(), 1 - keep)
+                self.shadow[key].lerp_(value.detach().float(), 1 - keep)
             else:
                 self.shadow[key].copy_(value)
 

@@ -36,15 +36,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     # Heavy imports after the config check, so a typo is reported in a second.
-    from accelerate import Accelerator
-
     from pipeline.data.streams import DataError
+    from pipeline.distributed import make_accelerator
     from pipeline.trainer import Trainer, TrainingStalled
 
-    accelerator = Accelerator(
-        mixed_precision=cfg.train.mixed_precision,
-        gradient_accumulation_steps=cfg.train.grad_accum_steps,
-    )
+    try:
+        accelerator = make_accelerator(cfg)
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
     logging.basicConfig(
         level=logging.INFO if accelerator.is_main_process else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -13,6 +13,8 @@ import logging
 import math
 import time
 from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -33,6 +35,7 @@ from pipeline.checkpoint import (
     save_checkpoint,
 )
 from pipeline.config import Config, config_from_dict
+from pipeline.distributed import full_training_state, is_deepspeed, load_optimizer_state, zero_stage
 from pipeline.data.loader import EpochIterator, make_loader
 from pipeline.data.streams import StreamOptions
 from pipeline.ema import EMA
@@ -40,6 +43,7 @@ from pipeline.encoder import Encoder
 from pipeline.evaluate import evaluate, flat_metrics, plot_report
 from pipeline.images import sample_and_reconstruction_grid
 from pipeline.model import VAE
+from pipeline.model.noise import StepNoise
 from pipeline.objective import kl_warmup_weight
 from pipeline.runs import resolve_data_urls
 from pipeline.tracking import Tracker
@@ -70,8 +74,22 @@ class Trainer:
         self.checkpoint_dir = self.run_dir / "checkpoints"
         self.is_main = accelerator.is_main_process
 
-        set_seed(cfg.train.seed)  # identical initial weights on every rank
+        # The same seed on every rank: identical initial weights, and identical generator states
+        # from which each rank takes its slice of the step's latent noise (model/noise.py).
+        set_seed(cfg.train.seed)
         model = VAE(cfg.model)
+        names = [name for name, _ in model.named_parameters()]
+        self.checkpoint = self._find_checkpoint()
+        resumed = load_checkpoint(self.checkpoint, names) if self.checkpoint else None
+        if resumed:
+            saved = config_from_dict(resumed[2]["config"])
+            if dataclasses.asdict(saved.model) != dataclasses.asdict(cfg.model):
+                raise SystemExit(f"{self.checkpoint} was trained with a different model config; use a new train.run_dir")
+            # Before prepare(): DeepSpeed builds its float32 masters and ZeRO partitions from these.
+            model.load_state_dict(resumed[0])
+        self.ema = EMA(model, cfg.objective.ema_decay)
+        if resumed:
+            self.ema.load_state_dict(load_ema(self.checkpoint) or resumed[0])
         optimizer = torch.optim.AdamW(
             model.parameters(),
             lr=cfg.optim.lr,
@@ -82,9 +100,11 @@ class Trainer:
         # The data loaders are not prepared: the pipeline already splits shards by rank, and
         # Accelerate's dispatching would split our batches a second time.
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
-        self.ema = EMA(accelerator.unwrap_model(self.model), cfg.objective.ema_decay)
+        self.deepspeed = is_deepspeed(self.model)
+        self.noise = StepNoise(accelerator.process_index, accelerator.num_processes, cfg.train.grad_accum_steps,
+                               accelerator.device)  # fmt: skip
+        self.micro_batch = 0
         self.consecutive_skips = 0
-        set_seed(cfg.train.seed + accelerator.process_index)  # different latent noise per rank
 
         train_urls, eval_urls = self._data_urls()
         data = cfg.data
@@ -100,9 +120,9 @@ class Trainer:
         )  # fmt: skip
         self.eval_loader, _ = make_loader(eval_urls, train=False, **common)
 
-        self.step, self.skipped_updates = 0, 0
+        self.step, self.skipped_updates, self.overflow_steps = 0, 0, 0
         self.first_eval: dict[str, float] | None = None
-        run_id = self._resume()
+        run_id = self._resume(*resumed[1:]) if resumed else None
         self.tracker = Tracker(
             active=self.is_main and cfg.tracking.enabled,
             tracking_uri=cfg.tracking.tracking_uri,
@@ -119,33 +139,39 @@ class Trainer:
         with self.accelerator.main_process_first():
             return resolve_data_urls(self.cfg)
 
-    def _resume(self) -> str | None:
-        """Load the newest checkpoint of this run directory, if any; returns its MLflow run id."""
+    def _find_checkpoint(self) -> Path | None:
+        """The run directory's newest checkpoint, else ``checkpoint.resume_from``, else None."""
         remove_stale_temporaries(self.checkpoint_dir)
         latest = latest_checkpoint(self.checkpoint_dir)
-        if latest is None:
-            return None
-        model_state, optimizer_state, state = load_checkpoint(latest)
-        saved = config_from_dict(state["config"])
-        if dataclasses.asdict(saved.model) != dataclasses.asdict(self.cfg.model):
-            raise SystemExit(f"{latest} was trained with a different model config; use a new train.run_dir")
-        self.accelerator.unwrap_model(self.model).load_state_dict(model_state)
-        self.ema.load_state_dict(load_ema(latest) or model_state)
-        self.optimizer.load_state_dict(optimizer_state)
+        if latest is None and self.cfg.checkpoint.resume_from:
+            latest = Path(self.cfg.checkpoint.resume_from)
+            if not (latest / "state.json").is_file():
+                raise SystemExit(f"checkpoint.resume_from={latest}: not a complete checkpoint directory (no state.json)")
+        return latest
+
+    def _resume(self, optimizer_state, state: dict[str, Any]) -> str | None:
+        """Everything of the checkpoint but the weights (loaded before prepare); returns its
+        MLflow run id when it is this run directory's own."""
+        load_optimizer_state(self.accelerator, self.model, self.optimizer, optimizer_state)
         self.scheduler.load_state_dict(state["scheduler"])
         self.step, self.skipped_updates = state["step"], state["skipped_updates"]
+        self.overflow_steps = state.get("overflow_steps", 0)
+        if state.get("loss_scale") and self.accelerator.scaler is not None:
+            self.accelerator.scaler.load_state_dict(state["loss_scale"])
         self.first_eval = state.get("first_eval")
-        rank = self.accelerator.process_index
-        if state["world_size"] == self.accelerator.num_processes:
+        rank, same_layout = self.accelerator.process_index, state["world_size"] == self.accelerator.num_processes
+        if hasattr(self.train_batches, "resume"):
+            self.train_batches.resume(state["data"])
+        elif same_layout:
             self.train_batches.load_state_dict(state["data"][rank])
-            restore_rng(state["rng"][rank])
         else:
-            log.warning("resuming %d processes from a %d-process checkpoint: the data order restarts at epoch %d",
-                        self.accelerator.num_processes, state["world_size"], state["data"][0]["epoch"] + 1)
             self.train_batches.load_state_dict({"epoch": state["data"][0]["epoch"] + 1, "batches_in_epoch": 0})
+        # The generators are in step on every rank (model/noise.py): any saved rank's will do.
+        restore_rng(state["rng"][rank] if same_layout else state["rng"][0])
         if self.is_main:
-            log.info("resumed from %s (step %d)", latest, self.step)
-        return state.get("mlflow_run_id")
+            log.info("resumed from %s (step %d, saved by %d process(es))", self.checkpoint, self.step, state["world_size"])
+        own = self.checkpoint.resolve().parent == self.checkpoint_dir.resolve()
+        return state.get("mlflow_run_id") if own else None
 
     # --- the loop ----------------------------------------------------------------------------
 
@@ -155,9 +181,12 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
             self.tracker.log_params(cfg.flat())
-            self.tracker.set_tags({"num_processes": acc.num_processes, "mixed_precision": acc.mixed_precision})
-        if self.step == 0:
-            self.first_eval = self.evaluate()
+            strategy = f"deepspeed-zero{zero_stage(self.model)}" if self.deepspeed else str(acc.distributed_type).lower()
+            self.tracker.set_tags({"num_processes": acc.num_processes, "mixed_precision": acc.mixed_precision,
+                                   "strategy": strategy})  # fmt: skip
+        if self.step == 0 and cfg.train.eval_at_start:
+            with self._side_work():
+                self.first_eval = self.evaluate()
         progress = tqdm(total=cfg.train.steps, initial=self.step, disable=not self.is_main, desc="train", dynamic_ncols=True)
         sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=acc.device))
         interval_start, interval_steps = time.perf_counter(), 0
@@ -179,6 +208,7 @@ class Trainer:
                     "train/images_per_s": images / elapsed,
                     "train/lr": self.scheduler.get_last_lr()[0],
                     "train/skipped_updates": self.skipped_updates,
+                    "train/overflow_steps": self.overflow_steps,
                     "train/kl_weight": self.kl_weight(),
                     "train/ema_decay": self.ema.decay_at(self.step),
                     "train/epoch": self.train_batches.epoch,
@@ -189,23 +219,28 @@ class Trainer:
                 interval_start, interval_steps = time.perf_counter(), 0
             paused = time.perf_counter()
             if self.step % cfg.train.eval_every == 0 and self.step < cfg.train.steps:
-                self.evaluate()
+                with self._side_work():
+                    self.evaluate()
             if self.step % cfg.train.image_every == 0 and self.step < cfg.train.steps:
-                self.log_images()
+                with self._side_work():
+                    self.log_images()
             if self.step % cfg.checkpoint.every == 0:
                 self.save()
             interval_start += time.perf_counter() - paused  # images/s counts training time only
         progress.close()
-        final = self.evaluate()
-        self.log_images()
-        self.save()
-        self.export_encoder()
-        self.write_eval_report()
+        with self._side_work():
+            final = self.evaluate()
+            self.log_images()
+        self.save()  # before the exports and the report: a failure there must not lose the steps
+        with self._side_work():
+            self.export_encoder()
+            self.write_eval_report()
         summary = {"step": self.step, "first_eval": self.first_eval, "final_eval": final, "mlflow_run_id": self.tracker.run_id}
         if self.is_main:
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-            log.info("held-out bits/dim: %.3f at the start, %.3f now, %.3f with the EMA weights (step %d)",
-                     self.first_eval["eval/loss"], final["eval/loss"], final["eval_ema/loss"], self.step)
+            start = f"{self.first_eval['eval/loss']:.3f}" if self.first_eval else "not measured"
+            log.info("held-out bits/dim: %s at the start, %.3f now, %.3f with the EMA weights (step %d)",
+                     start, final["eval/loss"], final["eval_ema/loss"], self.step)
         return summary
 
     def kl_weight(self) -> float:
@@ -213,40 +248,94 @@ class Trainer:
         return kl_warmup_weight(self.step, self.cfg.objective.kl_warmup_steps)
 
     def train_step(self) -> dict[str, torch.Tensor] | None:
-        """One micro-batch; returns detached stats when an optimizer update happened."""
+        """One micro-batch; returns detached stats when an optimizer update happened (or was skipped)."""
         objective = self.cfg.objective
         batch = next(self.train_batches)
-        with self.accelerator.accumulate(self.model):
+        with self.accelerator.accumulate(self.model), self.noise.micro_batch(self.micro_batch):
             images = batch["image"].to(self.accelerator.device, non_blocking=True)
             out = self.model(images, kl_weight=self.kl_weight(), free_bits=objective.free_bits)
+            skipped_before = self.model.skipped_steps if self.deepspeed else 0
+            # Under DeepSpeed this also clips and steps on the last micro-batch (one engine call).
             self.accelerator.backward(out["loss"])
             if not self.accelerator.sync_gradients:
+                self.micro_batch += 1
                 return None
-            grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
-            # The norm is computed from all-reduced gradients, so every rank takes the same
-            # decision here and the replicas stay identical (VDVAE's update skipping).
-            skip = not torch.isfinite(grad_norm) or (0 < objective.skip_threshold < grad_norm.item())
-            if skip:
-                self.skipped_updates += 1
-                self.consecutive_skips += 1
-                if self.consecutive_skips >= objective.max_consecutive_skips:
-                    raise TrainingStalled(
-                        f"the last {self.consecutive_skips} updates were all skipped (grad norm {grad_norm.item():.4g}, "
-                        f"objective.skip_threshold={objective.skip_threshold}): the model is not learning. Raise "
-                        "objective.skip_threshold, lower optim.lr, or resume from an earlier checkpoint"
-                    )
+            self.micro_batch = 0
+            if self.deepspeed:
+                grad_norm, outcome = self._deepspeed_outcome(skipped_before)
             else:
-                self.optimizer.step()
-                self.scheduler.step()
-                self.consecutive_skips = 0
-            self.optimizer.zero_grad(set_to_none=True)
-        if not skip:
-            self.ema.update(self.accelerator.unwrap_model(self.model), self.step)
+                grad_norm, outcome = self._update()
+        if outcome == "stepped":
+            self._update_ema()
         stats = {k: v.detach() for k, v in out.items() if k != "kl_bpd_per_group"}
         stats |= {f"kl_bpd/group_{i:02d}": v for i, v in enumerate(out["kl_bpd_per_group"])}
         stats["grad_norm"] = grad_norm.detach().float()
-        stats["skip_rate"] = torch.tensor(float(skip), device=grad_norm.device)  # averaged over the log interval
+        # Averaged over the log interval: the share of updates skipped for a large or non-finite
+        # norm, and (fp16) of steps dropped by the loss scaler for an overflow.
+        stats["skip_rate"] = torch.tensor(float(outcome == "skipped"), device=grad_norm.device)
+        stats["overflow_rate"] = torch.tensor(float(outcome == "overflow"), device=grad_norm.device)
         return stats
+
+    def _update(self) -> tuple[torch.Tensor, str]:
+        """DDP / one process: clip, then step, skip, or let the fp16 loss scaler drop the step.
+
+        The norm is computed from all-reduced gradients, so every rank takes the same decision
+        and the replicas stay identical (VDVAE's update skipping). Under fp16 a non-finite norm
+        is an overflow of the loss scale, not a sign of divergence: the scaler skips the step
+        and lowers its scale, and the stall guard does not count it.
+        """
+        objective, scaler = self.cfg.objective, self.accelerator.scaler
+        grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
+        finite = bool(torch.isfinite(grad_norm))
+        if scaler is not None and not finite:
+            self.optimizer.step()  # the scaler sees the inf, skips the update and lowers its scale
+            outcome = "overflow"
+        elif not finite or 0 < objective.skip_threshold < grad_norm.item():
+            if scaler is not None:
+                scaler.update()  # the gradients were unscaled for the norm: close that scaler step
+            outcome = "skipped"
+        else:
+            self.optimizer.step()
+            outcome = "overflow" if self.optimizer.step_was_skipped else "stepped"
+        self.optimizer.zero_grad(set_to_none=True)
+        self._count(outcome, grad_norm)
+        return grad_norm, outcome
+
+    def _deepspeed_outcome(self, skipped_before: int) -> tuple[torch.Tensor, str]:
+        """DeepSpeed clipped and stepped inside backward(), and skipped the step itself when the
+        norm was not finite (its overflow check; under fp16 with a scale decrease)."""
+        norm = self.model.get_global_grad_norm()
+        grad_norm = torch.tensor(float("inf") if norm is None else float(norm), device=self.accelerator.device)
+        skipped = self.model.skipped_steps > skipped_before
+        outcome = ("overflow" if self.cfg.train.mixed_precision == "fp16" else "skipped") if skipped else "stepped"
+        self._count(outcome, grad_norm)
+        return grad_norm, outcome
+
+    def _count(self, outcome: str, grad_norm: torch.Tensor) -> None:
+        if outcome == "stepped":
+            self.scheduler.step()
+            self.consecutive_skips = 0
+        elif outcome == "overflow":
+            self.overflow_steps += 1
+        else:
+            self.skipped_updates += 1
+            self.consecutive_skips += 1
+            if self.consecutive_skips >= self.cfg.objective.max_consecutive_skips:
+                raise TrainingStalled(
+                    f"the last {self.consecutive_skips} updates were all skipped (grad norm {grad_norm.item():.4g}, "
+                    f"objective.skip_threshold={self.cfg.objective.skip_threshold}): the model is not learning. Raise "
+                    "objective.skip_threshold, lower optim.lr, or resume from an earlier checkpoint"
+                )
+
+    def _update_ema(self) -> None:
+        module = self.accelerator.unwrap_model(self.model)
+        if zero_stage(self.model) == 3:  # each rank holds a slice of every weight: gather them
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(list(module.parameters())):
+                self.ema.update(module, self.step)
+        else:
+            self.ema.update(module, self.step)
 
     def _mean_over_processes(self, sums: dict[str, torch.Tensor], count: int) -> dict[str, float]:
         keys = sorted(sums)
@@ -324,14 +413,18 @@ class Trainer:
 
     def save(self) -> None:
         acc = self.accelerator
-        # Every rank contributes its own data position and RNG; the main process writes.
+        # Every rank contributes its own data position and RNG, and under ZeRO its slices of the
+        # weights and optimizer state (gathered: a collective); the main process writes.
         per_rank = gather_object([{"data": self.train_batches.state_dict(), "rng": capture_rng()}])
+        weights, optimizer_state = full_training_state(acc, self.model, self.optimizer)
         acc.wait_for_everyone()
         if self.is_main:
-            model = acc.unwrap_model(self.model)
             state = {
                 "world_size": acc.num_processes,
+                "strategy": f"deepspeed-zero{zero_stage(self.model)}" if self.deepspeed else str(acc.distributed_type).lower(),
                 "skipped_updates": self.skipped_updates,
+                "overflow_steps": self.overflow_steps,
+                "loss_scale": acc.scaler.state_dict() if acc.scaler is not None else None,
                 "data": [r["data"] for r in per_rank],
                 "rng": [r["rng"] for r in per_rank],
                 "scheduler": self.scheduler.state_dict(),
@@ -341,13 +434,29 @@ class Trainer:
                 "versions": {"torch": torch.__version__, "pipeline": __import__("pipeline").__version__},
             }
             path = save_checkpoint(
-                self.checkpoint_dir, self.step, model.state_dict(), self.optimizer.state_dict(), state,
+                self.checkpoint_dir, self.step, weights, optimizer_state, state,
                 keep_last=self.cfg.checkpoint.keep_last,
                 model_metadata={"model_config": json.dumps(dataclasses.asdict(self.cfg.model))},
                 ema_state=self.ema.state_dict(),
             )
             log.info("saved %s", path)
         acc.wait_for_everyone()
+
+    @contextmanager
+    def _side_work(self) -> Iterator[None]:
+        """Evaluation, images and reports: with the full weights in hand (gathered under ZeRO-3;
+        rank 0's copy is what goes back) and their own random numbers, so that how often one
+        evaluates never changes the noise, hence the weights, of training."""
+        devices = [self.accelerator.device] if self.accelerator.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            if zero_stage(self.model) == 3:
+                import deepspeed
+
+                params = list(self.accelerator.unwrap_model(self.model).parameters())
+                with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
+                    yield
+            else:
+                yield
 
     def write_eval_report(self) -> None:
         """The final report (EMA weights, importance-weighted bound, the four VAE problems) and its

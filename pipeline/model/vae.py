@@ -21,6 +21,7 @@ from torch.utils.checkpoint import checkpoint
 from pipeline.config import ModelConfig
 from pipeline.model.blocks import DecoderBlockSpec, ResidualBlock, parse_decoder_blocks, parse_encoder_blocks
 from pipeline.model.likelihood import make_likelihood, to_unit_range
+from pipeline.model.noise import standard_normal_like
 from pipeline.objective import gaussian_kl, negative_elbo, soft_clamp
 
 
@@ -113,12 +114,12 @@ class TopDownBlock(nn.Module):
         )
         prior_log_std = soft_clamp(prior_log_std, self.log_std_clamp)
         if features is None:
-            z = prior_mean if use_mean else prior_mean + temperature * torch.exp(prior_log_std) * torch.randn_like(prior_mean)
+            z = prior_mean if use_mean else prior_mean + temperature * torch.exp(prior_log_std) * standard_normal_like(prior_mean)
             out = GroupOutput(z, None, None, None, prior_mean, prior_log_std)
         else:
             post_mean, post_log_std = self.posterior(torch.cat([state, features], dim=1)).chunk(2, dim=1)
             post_log_std = soft_clamp(post_log_std, self.log_std_clamp)
-            z = post_mean if use_mean else post_mean + torch.exp(post_log_std) * torch.randn_like(post_mean)
+            z = post_mean if use_mean else post_mean + torch.exp(post_log_std) * standard_normal_like(post_mean)
             kl = gaussian_kl(post_mean.float(), post_log_std.float(), prior_mean.float(), prior_log_std.float())
             out = GroupOutput(z, kl.flatten(1).sum(1), post_mean, post_log_std, prior_mean, prior_log_std)
         state = state + state_update
@@ -194,6 +195,11 @@ class VAE(nn.Module):
             cfg.likelihood, cfg.width_at(cfg.resolution), cfg.channels, cfg.data_bits, cfg.mixtures
         )
 
+    def _as_weights(self, x: torch.Tensor) -> torch.Tensor:
+        """The encoder's input in the weights' dtype: bf16 or fp16 where DeepSpeed casts the
+        weights themselves instead of autocasting (the likelihood's target stays float32)."""
+        return x.to(self.bottom_up.stem.weight.dtype)
+
     @property
     def num_groups(self) -> int:
         return len(self.top_down.blocks)
@@ -203,7 +209,7 @@ class VAE(nn.Module):
         ``nelbo`` (the negative ELBO, bits/dim), ``recon_bpd``, ``kl_bpd``, ``kl_bpd_per_group``
         (G,); see ``objective.negative_elbo`` for the weight and free bits."""
         x = to_unit_range(images, self.cfg.data_bits)
-        state, groups = self.top_down(self.bottom_up(x), x.shape[0])
+        state, groups = self.top_down(self.bottom_up(self._as_weights(x)), x.shape[0])
         recon_nats = self.likelihood.nll(state, x)
         return negative_elbo(recon_nats, [g.kl for g in groups], x[0].numel(), kl_weight, free_bits)
 
@@ -211,7 +217,7 @@ class VAE(nn.Module):
     def reconstruct(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 images -> reconstructions in [-1, 1] (posterior sample, likelihood mode)."""
         x = to_unit_range(images, self.cfg.data_bits)
-        state, _ = self.top_down(self.bottom_up(x), x.shape[0])
+        state, _ = self.top_down(self.bottom_up(self._as_weights(x)), x.shape[0])
         return self.likelihood.mode(state)
 
     @torch.no_grad()
