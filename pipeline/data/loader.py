@@ -37,7 +37,7 @@ from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
 from pipeline.data.handoff import SlotReader, SlotWriter, shared_uint8
-from pipeline.data.plan import Shard, WorkerPlan, batch_schedule, epoch_plan, even_batches
+from pipeline.data.plan import Shard, WorkerPlan, batch_schedule, batches_taken, epoch_plan, even_batches
 from pipeline.data.streams import (
     DataError,
     ShardStats,
@@ -143,7 +143,7 @@ class ShardDataset(IterableDataset):
         """Call before ``iter(loader)``: workers get a copy of this object when iteration starts."""
         self.epoch, self.batches_taken = epoch, batches_taken
 
-    def plans(self, epoch: int, order_for: int | None = None) -> list[WorkerPlan]:
+    def plans(self, epoch: int, order_for: tuple[int, ...] = ()) -> list[WorkerPlan]:
         return epoch_plan(
             self.shards, epoch=epoch, seed=self.seed, rank=self.rank, world_size=self.world_size,
             num_workers=self.num_workers, batch_size=self.batch_size, shuffle=self.train,
@@ -173,10 +173,9 @@ class ShardDataset(IterableDataset):
             # that whole heap. Costs nothing: the lists are spliced, no object is touched.
             gc.freeze()
         self._writer = SlotWriter(self.released, worker) if in_worker and self.released is not None else None
-        schedule = batch_schedule(self.batches_per_worker(self.epoch))
-        start = sum(1 for w, _ in schedule[: self.batches_taken] if w == worker)
+        start = batches_taken(self.batches_per_worker(self.epoch), self.batches_taken)[worker]
         if self.mode == "epoch":
-            batches = self._epoch_batches(self.plans(self.epoch, order_for=worker)[worker], worker, start)
+            batches = self._epoch_batches(self.plans(self.epoch, order_for=(worker,))[worker], worker, start)
         else:
             batches = self._resampled_batches(worker, start, self.batches_per_worker(self.epoch)[worker])
         yield from batches if self._writer is None else self._writer.messages(batches)
@@ -233,7 +232,7 @@ class ShardDataset(IterableDataset):
         first = offsets[start_batch]
         stats.not_decoded = first
         needed = plan.order[first:]
-        mappable = all(mappable_path(s.url) is not None for s in plan.shards)
+        mappable = all(mappable_path(p.shard.url) is not None for p in plan.parts)
         source = (MappedShards if mappable else StreamedShards)(plan, needed, self.options, stats)
         try:
             for index in range(start_batch, len(plan.batch_sizes)):
@@ -320,23 +319,24 @@ class Taken(NamedTuple):
 
 
 class MappedShards:
-    """Random access to a worker's planned samples in local shards: each shard is memory-mapped
-    and indexed once (``index_tar``), then any position costs a slice of the map. Nothing
-    is buffered: the page cache holds the bytes, and the shuffle order reads them directly.
+    """Random access to a worker's planned samples in local shards: each shard (part) is
+    memory-mapped and indexed once (``index_tar``), then any position costs a slice of the map.
+    Nothing is buffered: the page cache holds the bytes, and the shuffle order reads them directly.
 
     Shards must not be truncated in place while a run reads them (the kernel then kills the
     reader with SIGBUS); replacing a file by rename, as ``pipeline-shards`` does, is safe."""
 
     def __init__(self, plan: WorkerPlan, needed: np.ndarray, options: StreamOptions, stats: WorkerStats) -> None:
-        self.shards, self.stats = plan.shards, stats
-        self.starts = plan.shard_starts
-        self.owner = np.repeat(np.arange(len(self.shards)), [s.samples for s in self.shards])  # shard of each position
-        # How many positions each shard still has to give: a shard is unmapped at zero, and
+        self.parts, self.stats = plan.parts, stats
+        self.urls = [p.shard.url for p in self.parts]
+        self.starts = plan.part_starts
+        self.owner = np.repeat(np.arange(len(self.parts)), [p.samples for p in self.parts])  # part of each position
+        # How many positions each part still has to give: a shard is unmapped at zero, and
         # shards nobody needs (after a resume) are never opened.
-        self.remaining = np.bincount(self.owner[needed], minlength=len(self.shards))
+        self.remaining = np.bincount(self.owner[needed], minlength=len(self.parts))
         stats.shards_skipped += int((self.remaining == 0).sum())
-        self.maps: list[Any] = [None] * len(self.shards)  # the open shards' bytes
-        self.is_open = np.zeros(len(self.shards), dtype=bool)
+        self.maps: list[Any] = [None] * len(self.parts)  # the open shards' bytes
+        self.is_open = np.zeros(len(self.parts), dtype=bool)
         # Per position, filled when its shard is opened: where its image lies (size -1: the
         # shard stopped before it), its key and its image's extension.
         self.offsets = np.zeros(plan.samples, dtype=np.int64)
@@ -351,23 +351,24 @@ class MappedShards:
         for number in set(shard_of):
             if not self.is_open[number]:
                 self._open(number)
-        maps, order = self.maps, positions.tolist()
+        maps, order, urls = self.maps, positions.tolist(), self.urls
         taken = Taken(
-            [self.shards[n].url for n in shard_of],
+            [urls[n] for n in shard_of],
             [self.keys[p] for p in order],
             [self.extensions[p] for p in order],
             [maps[n][o : o + s] if s >= 0 else None
              for n, o, s in zip(shard_of, self.offsets[positions].tolist(), self.sizes[positions].tolist())],
         )  # fmt: skip
-        self.remaining -= np.bincount(numbers, minlength=len(self.shards))
+        self.remaining -= np.bincount(numbers, minlength=len(self.parts))
         for number in np.flatnonzero((self.remaining == 0) & self.is_open).tolist():
             self._close(number)
         return taken
 
     def _open(self, number: int) -> None:
-        shard = self.shards[number]
-        if number + 1 < len(self.shards):
-            prefetch(self.shards[number + 1].url)
+        part = self.parts[number]
+        shard = part.shard
+        if number + 1 < len(self.parts):
+            prefetch(self.urls[number + 1])
         self.stats.shards_opened += 1
         data: Any = b""
         try:
@@ -383,11 +384,14 @@ class MappedShards:
         elif len(index.keys) > shard.samples:
             log.warning("shard %s has more samples than its manifest says (%d); ignoring '%s' and after",
                         shard.url, shard.samples, index.keys[shard.samples])  # fmt: skip
-        n, start = min(len(index.keys), shard.samples), self.starts[number]
-        self.offsets[start : start + n] = index.offsets[:n]
-        self.sizes[start : start + n] = index.sizes[:n]
-        self.keys[start : start + n] = index.keys[:n]
-        self.extensions[start : start + n] = index.extensions[:n]
+        indices = part.sample_indices()
+        # The part's first n samples are in the shard (the rest keep size -1: missing).
+        n, start = int(np.searchsorted(indices, min(len(index.keys), shard.samples))), self.starts[number]
+        chosen = indices[:n]
+        self.offsets[start : start + n] = np.asarray(index.offsets)[chosen]
+        self.sizes[start : start + n] = np.asarray(index.sizes)[chosen]
+        self.keys[start : start + n] = [index.keys[i] for i in chosen.tolist()]
+        self.extensions[start : start + n] = [index.extensions[i] for i in chosen.tolist()]
         self.maps[number], self.is_open[number] = data, True
 
     def _close(self, number: int) -> None:
@@ -436,30 +440,33 @@ class StreamedShards:
         """Events in reading order: ("sample", position, Sample) for needed samples and
         ("lost", (start, end)) for planned positions a shard failed to deliver."""
         plan, stats = self.plan, self.stats
-        for number, (shard, start) in enumerate(zip(plan.shards, plan.shard_starts)):
-            end = start + shard.samples
-            if not any(p in needed for p in range(start, end)):
+        for number, (part, start) in enumerate(zip(plan.parts, plan.part_starts)):
+            shard, end = part.shard, start + part.samples
+            indices = part.sample_indices()
+            # Sample index in the shard -> position, for the samples this worker still needs.
+            wanted = {i: p for i, p in zip(indices.tolist(), range(start, end)) if p in needed}
+            if not wanted:
                 stats.shards_skipped += 1
                 continue
-            if number + 1 < len(plan.shards):
-                prefetch(plan.shards[number + 1].url)
+            if number + 1 < len(plan.parts):
+                prefetch(plan.parts[number + 1].shard.url)
             shard_stats = ShardStats()
             stats.shards_opened += 1
             seen = 0
-            wanted = lambda i, s=start: s + i in needed  # noqa: E731
-            for record in read_shard(shard.url, wanted, self.options, shard_stats, shard.samples, IMAGE_EXTENSIONS):
+            for record in read_shard(shard.url, wanted.__contains__, self.options, shard_stats, shard.samples,
+                                     IMAGE_EXTENSIONS):  # fmt: skip
                 if record.index >= shard.samples:
                     log.warning("shard %s has more samples than its manifest says (%d); ignoring '%s'",
                                 shard.url, shard.samples, record.key)  # fmt: skip
                     continue
                 seen = record.index + 1
                 if record.members is not None:
-                    yield "sample", start + record.index, (shard.url, record.key, *find_image(record.members))
+                    yield "sample", wanted[record.index], (shard.url, record.key, *find_image(record.members))
             stats.retries += shard_stats.retries
             if seen < shard.samples:
                 if not shard_stats.failures:
                     log.warning("shard %s ended after %d of its %d samples", shard.url, seen, shard.samples)
-                yield "lost", (start + seen, end)
+                yield "lost", (start + int(np.searchsorted(indices, seen)), end)
 
     def close(self) -> None:
         self.records.close()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,20 +30,36 @@ class Shard:
     samples: int | None  # None when no manifest says how many
 
 
+@dataclass(frozen=True, eq=False)
+class Part:
+    """A shard to read: all of it or, in a continued epoch, only its samples not yet consumed."""
+
+    number: int  # the shard's place in the dataset's shard list
+    shard: Shard
+    indices: np.ndarray | None = None  # ascending sample indices within the shard; None: all
+
+    @property
+    def samples(self) -> int:
+        return self.shard.samples if self.indices is None else len(self.indices)
+
+    def sample_indices(self) -> np.ndarray:
+        return np.arange(self.shard.samples) if self.indices is None else self.indices
+
+
 @dataclass
 class WorkerPlan:
     """One (rank, worker)'s share of an epoch."""
 
-    shards: list[Shard]
+    parts: list[Part]
     samples: int
     batch_sizes: list[int]  # consecutive batches of the emission order
-    # Computed only for the worker that asked (O(samples) each):
-    order: np.ndarray | None = None  # emission order: positions in the concatenation of ``shards``
+    # Computed only for the workers asked for (O(samples) each):
+    order: np.ndarray | None = None  # emission order: positions in the concatenation of ``parts``
     flips: np.ndarray | None = None  # per position: mirror the image horizontally
 
     @property
-    def shard_starts(self) -> list[int]:
-        return [0, *np.cumsum([s.samples for s in self.shards]).tolist()]
+    def part_starts(self) -> list[int]:
+        return [0, *np.cumsum([p.samples for p in self.parts]).tolist()]
 
 
 def shard_order(n: int, seed: int, epoch: int, shuffle: bool) -> list[int]:
@@ -92,19 +109,18 @@ def epoch_plan(
     shuffle: bool,
     shuffle_buffer: int,
     hflip: bool,
-    order_for: int | None = None,
+    order_for: Collection[int] = (),
 ) -> list[WorkerPlan]:
     """The plans of every worker of ``rank`` for ``epoch`` (one entry when num_workers == 0);
-    the sample order and flips only for worker ``order_for``."""
+    the sample order and flips only for the workers in ``order_for``."""
     if any(s.samples is None for s in shards):
         raise PlanError("epoch mode needs the sample count of every shard: read the shards through their "
                         "manifest.json (the shard writer makes one), or use data.mode=resampled")
-    counts = [s.samples for s in shards]
-    order = shard_order(len(shards), seed, epoch, shuffle)
     workers = max(1, num_workers)
-    per_rank = balance(counts, order, world_size)
-    per_worker = [balance(counts, rank_shards, workers) for rank_shards in per_rank]
-    samples = [[sum(counts[i] for i in w) for w in r] for r in per_worker]
+    counts = [s.samples for s in shards]
+    per_rank = balance(counts, shard_order(len(shards), seed, epoch, shuffle), world_size)
+    per_worker = [[[Part(i, shards[i]) for i in w] for w in balance(counts, r, workers)] for r in per_rank]
+    samples = [[sum(p.samples for p in w) for w in r] for r in per_worker]
     # Every rank must run the same number of batches: the largest need sets it.
     target = max(sum(math.ceil(n / batch_size) for n in r) for r in samples)
     for r, rank_samples in enumerate(samples):
@@ -116,10 +132,10 @@ def epoch_plan(
             )
     batches = _batches_per_worker(samples[rank], batch_size, target)
     plans = []
-    for w, shard_ids in enumerate(per_worker[rank]):
+    for w, parts in enumerate(per_worker[rank]):
         n = samples[rank][w]
-        plan = WorkerPlan([shards[i] for i in shard_ids], n, even_batches(n, batches[w]))
-        if w == order_for:
+        plan = WorkerPlan(parts, n, even_batches(n, batches[w]))
+        if w in order_for:
             rng = np.random.default_rng([seed, epoch, rank, w, 0x5EED])
             plan.order = window_shuffle(n, shuffle_buffer, rng) if shuffle else np.arange(n)
             plan.flips = (rng.random(n) < 0.5) if hflip else np.zeros(n, dtype=bool)
@@ -147,3 +163,13 @@ def batch_schedule(batches_per_worker: list[int]) -> list[tuple[int, int]]:
                 schedule.append((w, taken[w]))
                 taken[w] += 1
     return schedule
+
+
+def batches_taken(batches_per_worker: list[int], taken: int) -> list[int]:
+    """How many batches of each worker the first ``taken`` batches of the schedule hold."""
+    if taken > sum(batches_per_worker):
+        raise PlanError(f"{taken} batches taken of an epoch that has {sum(batches_per_worker)}")
+    counts = [0] * len(batches_per_worker)
+    for w, _ in batch_schedule(batches_per_worker)[:taken]:
+        counts[w] += 1
+    return counts
