@@ -7,11 +7,13 @@
 Two modes (``data.mode``):
 
 * ``epoch``: every sample once per epoch across all ranks and workers, every rank the same
-  number of batches, and an exact, cheap resume from (epoch, batches taken): see plan.py;
+  number of batches, and an exact, cheap resume from (epoch, batches taken): see plan.py; a
+  resume with another number of processes, workers or batch size continues the same epoch
+  with exactly the samples not yet seen (``EpochIterator.resume``);
 * ``resampled``: an endless stream, each (rank, worker, epoch) drawing shards at random with
   its own seed, for datasets too large to count; an "epoch" is a fixed number of batches, and a
   resume starts a fresh draw at the same point of the epoch (statistically, not exactly, the
-  same stream).
+  same stream), or at the next epoch under another layout.
 
 Batches are ``{"image": uint8 (N, C, H, W), "key": [str], "worker", "index", "stats"}``; scaling
 to floats happens on the training device, not here (4x less to copy between processes).
@@ -27,6 +29,7 @@ import math
 import mmap
 import os
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -37,7 +40,17 @@ from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
 from pipeline.data.handoff import SlotReader, SlotWriter, shared_uint8
-from pipeline.data.plan import Shard, WorkerPlan, batch_schedule, batches_taken, epoch_plan, even_batches
+from pipeline.data.plan import (
+    Layout,
+    PlanError,
+    Shard,
+    WorkerPlan,
+    batch_schedule,
+    batches_taken,
+    epoch_plan,
+    even_batches,
+    unconsumed,
+)
 from pipeline.data.streams import (
     DataError,
     ShardStats,
@@ -127,6 +140,8 @@ class ShardDataset(IterableDataset):
         self.shuffle_buffer, self.seed, self.hflip = shuffle_buffer, seed, hflip and train
         self.options = options or StreamOptions()
         self.epoch, self.batches_taken = 0, 0
+        self.earlier: list[tuple[Layout, tuple[int, ...]]] = []  # see set_position
+        self.remaining: np.ndarray | None = None  # what ``earlier`` left of the epoch
         self.released: torch.Tensor | None = None  # set by EpochIterator: batches go through slots
         self._writer: SlotWriter | None = None
         if mode == "resampled":
@@ -139,15 +154,30 @@ class ShardDataset(IterableDataset):
 
     # --- the plan, shared by the main process and the workers -------------------------------
 
-    def set_position(self, epoch: int, batches_taken: int = 0) -> None:
-        """Call before ``iter(loader)``: workers get a copy of this object when iteration starts."""
-        self.epoch, self.batches_taken = epoch, batches_taken
+    @property
+    def layout(self) -> Layout:
+        return Layout(self.world_size, max(1, self.num_workers), self.batch_size, self.seed, self.shuffle_buffer)
+
+    def set_position(
+        self, epoch: int, batches_taken: int = 0, earlier: Sequence[tuple[Layout, Sequence[int]]] = ()
+    ) -> None:
+        """Call before ``iter(loader)``: workers get a copy of this object when iteration starts.
+
+        ``earlier``: when the epoch is a continuation, the layouts that consumed part of it
+        before this one, each with the batches its ranks took; this layout then reads the rest."""
+        earlier = [(layout, tuple(batches)) for layout, batches in earlier]
+        if earlier and (epoch, earlier) != (self.epoch, self.earlier):
+            # Before the workers start, so that they inherit it instead of each computing it.
+            self.remaining = unconsumed(self.shards, epoch=epoch, shuffle=self.train, earlier=earlier)
+        self.epoch, self.batches_taken, self.earlier = epoch, batches_taken, earlier
 
     def plans(self, epoch: int, order_for: tuple[int, ...] = ()) -> list[WorkerPlan]:
+        continued = epoch == self.epoch and bool(self.earlier)
         return epoch_plan(
             self.shards, epoch=epoch, seed=self.seed, rank=self.rank, world_size=self.world_size,
             num_workers=self.num_workers, batch_size=self.batch_size, shuffle=self.train,
             shuffle_buffer=self.shuffle_buffer, hflip=self.hflip, order_for=order_for,
+            remaining=self.remaining if continued else None, continuation=len(self.earlier) if continued else 0,
         )  # fmt: skip
 
     def batches_per_worker(self, epoch: int) -> list[int]:
@@ -512,12 +542,18 @@ def make_loader(
     return loader, dataset
 
 
+def _layout(state: dict[str, Any]) -> Layout:
+    return Layout(**{field.name: state[field.name] for field in dataclasses.fields(Layout)})
+
+
 class EpochIterator:
     """Endless batches, epoch after epoch, in a fixed order, knowing its position.
 
-    The position is (epoch, batches taken in that epoch). The order within an epoch is the
-    round-robin over workers that ``batch_schedule`` defines; batches that arrive out of that
-    order (after a resume, the DataLoader starts its round-robin at worker 0) wait here.
+    The position is (epoch, batches taken in that epoch), and, when the epoch is the
+    continuation of one begun under another layout, those earlier layouts with the batches
+    their ranks took. The order within an epoch is the round-robin over workers that
+    ``batch_schedule`` defines; batches that arrive out of that order (after a resume, the
+    DataLoader starts its round-robin at worker 0) wait here.
     Workers hand batches over through reused slots of shared memory (``handoff.py``).
     It also totals the workers' fault counts and stops the run when too much data is lost.
     """
@@ -526,17 +562,74 @@ class EpochIterator:
         self.loader, self.dataset = loader, dataset
         self.max_skip_fraction = max_skip_fraction
         self.epoch, self.batches_in_epoch = 0, 0
+        self.earlier: list[tuple[Layout, tuple[int, ...]]] = []  # layouts that consumed part of this epoch
         self._iterator = None
         self._reader: SlotReader | None = None
         self._totals: dict[str, int] = {}  # fault counts of finished epochs
         self._current: dict[int, dict[str, int]] = {}  # latest counts per worker, this epoch
 
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "batches_in_epoch": self.batches_in_epoch}
+    def state_dict(self) -> dict[str, Any]:
+        """The position and this rank's layout, and the layouts that consumed this epoch before
+        it: a few numbers (JSON), from which ``resume`` recomputes what was consumed."""
+        return {
+            "epoch": self.epoch, "batches_in_epoch": self.batches_in_epoch, "rank": self.dataset.rank,
+            **dataclasses.asdict(self.dataset.layout),
+            "earlier": [{**dataclasses.asdict(layout), "batches": list(batches)} for layout, batches in self.earlier],
+        }  # fmt: skip
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.epoch, self.batches_in_epoch = state["epoch"], state["batches_in_epoch"]
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from this rank's own state, saved under this layout (else use ``resume``)."""
+        earlier = [(_layout(s), tuple(s["batches"])) for s in state.get("earlier", [])]
+        self._move(state["epoch"], state["batches_in_epoch"], earlier)
+
+    def resume(self, states: list[dict[str, Any]]) -> None:
+        """Continue from the ``state_dict()`` of every rank of the run that saved them (``states[i]``:
+        rank i's, all from one checkpoint), whatever that run's layout.
+
+        Under the same layout (processes, workers, batch size, seed, shuffle buffer) this is
+        ``load_state_dict(states[rank])``: the batches the uninterrupted run would have seen.
+        Under another, the same epoch continues with exactly the samples no old rank consumed,
+        dealt afresh to this layout's ranks and workers; the epochs after it are ordinary ones.
+        In ``resampled`` mode no set of unseen samples exists: another layout starts the next
+        epoch, a fresh draw. States saved before they held their layout (only ``epoch`` and
+        ``batches_in_epoch``) are taken as this layout's when there are as many as processes;
+        otherwise the next epoch starts, with a warning."""
+        first, rank = states[0], self.dataset.rank
+        epoch = first["epoch"]
+        if "world_size" not in first:
+            if len(states) == self.dataset.world_size:
+                return self.load_state_dict(states[rank])
+            return self._restart(epoch + 1, f"the {len(states)} saved positions do not say how they dealt the data")
+        old = _layout(first)
+        if old == self.dataset.layout:
+            return self.load_state_dict(states[rank])
+        if self.dataset.mode != "epoch":
+            return self._restart(epoch + 1, f"{self.dataset.mode} mode has no exact set of unseen samples")
+        if [(s["rank"], s["epoch"], _layout(s), s["earlier"]) for s in states] != [
+            (r, epoch, old, first["earlier"]) for r in range(old.world_size)
+        ]:
+            raise ValueError(f"resume needs the states of all {old.world_size} ranks of one checkpoint, in rank order")
+        earlier = [(_layout(s), tuple(s["batches"])) for s in first["earlier"]]
+        batches = tuple(s["batches_in_epoch"] for s in states)
+        if any(batches):  # (a layout that took nothing changes nothing)
+            earlier.append((old, batches))
+        try:
+            self._move(epoch, 0, earlier)
+            self.dataset.batches_per_worker(epoch)  # can what is left be dealt to this layout?
+        except PlanError as err:
+            return self._restart(epoch + 1, f"what is left of epoch {epoch} cannot be dealt to this layout: {err}")
+        if earlier and not self.dataset.remaining.any():
+            self._move(epoch + 1, 0, [])  # the old run had finished the epoch: nothing is skipped
+
+    def _restart(self, epoch: int, why: str) -> None:
+        log.warning("rank %d: the data restarts at epoch %d, skipping the rest of the epoch before it: %s",
+                    self.dataset.rank, epoch, why)  # fmt: skip
+        self._move(epoch, 0, [])
+
+    def _move(self, epoch: int, batches_in_epoch: int, earlier: list[tuple[Layout, tuple[int, ...]]]) -> None:
         self.close()
+        self.epoch, self.batches_in_epoch, self.earlier = epoch, batches_in_epoch, earlier
+        self.dataset.set_position(epoch, batches_in_epoch, earlier)
 
     def counts(self) -> dict[str, int]:
         """Fault and work counts of this process since it started (all epochs)."""
@@ -547,7 +640,7 @@ class EpochIterator:
         return out
 
     def _start_epoch(self) -> None:
-        self.dataset.set_position(self.epoch, self.batches_in_epoch)
+        self.dataset.set_position(self.epoch, self.batches_in_epoch, self.earlier)
         self._schedule = batch_schedule(self.dataset.batches_per_worker(self.epoch))
         if not self._schedule:
             raise DataError(f"epoch {self.epoch} has no batches for rank {self.dataset.rank}")
@@ -568,8 +661,7 @@ class EpochIterator:
     def _end_epoch(self) -> None:
         self._totals = self.counts()
         self._current = {}
-        self.epoch, self.batches_in_epoch = self.epoch + 1, 0
-        self.close()
+        self._move(self.epoch + 1, 0, [])
 
     def __iter__(self):
         return self
