@@ -7,11 +7,13 @@
 Two modes (``data.mode``):
 
 * ``epoch``: every sample once per epoch across all ranks and workers, every rank the same
-  number of batches, and an exact, cheap resume from (epoch, batches taken): see plan.py;
+  number of batches, and an exact, cheap resume from (epoch, batches taken): see plan.py; a
+  resume with another number of processes, workers or batch size continues the same epoch
+  with exactly the samples not yet seen (``EpochIterator.resume``);
 * ``resampled``: an endless stream, each (rank, worker, epoch) drawing shards at random with
   its own seed, for datasets too large to count; an "epoch" is a fixed number of batches, and a
   resume starts a fresh draw at the same point of the epoch (statistically, not exactly, the
-  same stream).
+  same stream), or at the next epoch under another layout.
 
 Batches are ``{"image": uint8 (N, C, H, W), "key": [str], "worker", "index", "stats"}``; scaling
 to floats happens on the training device, not here (4x less to copy between processes).
@@ -27,6 +29,7 @@ import math
 import mmap
 import os
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -37,7 +40,17 @@ from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
 from pipeline.data.handoff import SlotReader, SlotWriter, shared_uint8
-from pipeline.data.plan import Shard, WorkerPlan, batch_schedule, epoch_plan, even_batches
+from pipeline.data.plan import (
+    Layout,
+    PlanError,
+    Shard,
+    WorkerPlan,
+    batch_schedule,
+    batches_taken,
+    epoch_plan,
+    even_batches,
+    unconsumed,
+)
 from pipeline.data.streams import (
     DataError,
     ShardStats,
@@ -127,6 +140,8 @@ class ShardDataset(IterableDataset):
         self.shuffle_buffer, self.seed, self.hflip = shuffle_buffer, seed, hflip and train
         self.options = options or StreamOptions()
         self.epoch, self.batches_taken = 0, 0
+        self.earlier: list[tuple[Layout, tuple[int, ...]]] = []  # see set_position
+        self.remaining: np.ndarray | None = None  # what ``earlier`` left of the epoch
         self.released: torch.Tensor | None = None  # set by EpochIterator: batches go through slots
         self._writer: SlotWriter | None = None
         if mode == "resampled":
@@ -139,15 +154,30 @@ class ShardDataset(IterableDataset):
 
     # --- the plan, shared by the main process and the workers -------------------------------
 
-    def set_position(self, epoch: int, batches_taken: int = 0) -> None:
-        """Call before ``iter(loader)``: workers get a copy of this object when iteration starts."""
-        self.epoch, self.batches_taken = epoch, batches_taken
+    @property
+    def layout(self) -> Layout:
+        return Layout(self.world_size, max(1, self.num_workers), self.batch_size, self.seed, self.shuffle_buffer)
 
-    def plans(self, epoch: int, order_for: int | None = None) -> list[WorkerPlan]:
+    def set_position(
+        self, epoch: int, batches_taken: int = 0, earlier: Sequence[tuple[Layout, Sequence[int]]] = ()
+    ) -> None:
+        """Call before ``iter(loader)``: workers get a copy of this object when iteration starts.
+
+        ``earlier``: when the epoch is a continuation, the layouts that consumed part of it
+        before this one, each with the batches its ranks took; this layout then reads the rest."""
+        earlier = [(layout, tuple(batches)) for layout, batches in earlier]
+        if earlier and (epoch, earlier) != (self.epoch, self.earlier):
+            # Before the workers start, so that they inherit it instead of each computing it.
+            self.remaining = unconsumed(self.shards, epoch=epoch, shuffle=self.train, earlier=earlier)
+        self.epoch, self.batches_taken, self.earlier = epoch, batches_taken, earlier
+
+    def plans(self, epoch: int, order_for: tuple[int, ...] = ()) -> list[WorkerPlan]:
+        continued = epoch == self.epoch and bool(self.earlier)
         return epoch_plan(
             self.shards, epoch=epoch, seed=self.seed, rank=self.rank, world_size=self.world_size,
             num_workers=self.num_workers, batch_size=self.batch_size, shuffle=self.train,
             shuffle_buffer=self.shuffle_buffer, hflip=self.hflip, order_for=order_for,
+            remaining=self.remaining if continued else None, continuation=len(self.earlier) if continued else 0,
         )  # fmt: skip
 
     def batches_per_worker(self, epoch: int) -> list[int]:
@@ -173,10 +203,9 @@ class ShardDataset(IterableDataset):
             # that whole heap. Costs nothing: the lists are spliced, no object is touched.
             gc.freeze()
         self._writer = SlotWriter(self.released, worker) if in_worker and self.released is not None else None
-        schedule = batch_schedule(self.batches_per_worker(self.epoch))
-        start = sum(1 for w, _ in schedule[: self.batches_taken] if w == worker)
+        start = batches_taken(self.batches_per_worker(self.epoch), self.batches_taken)[worker]
         if self.mode == "epoch":
-            batches = self._epoch_batches(self.plans(self.epoch, order_for=worker)[worker], worker, start)
+            batches = self._epoch_batches(self.plans(self.epoch, order_for=(worker,))[worker], worker, start)
         else:
             batches = self._resampled_batches(worker, start, self.batches_per_worker(self.epoch)[worker])
         yield from batches if self._writer is None else self._writer.messages(batches)
@@ -233,7 +262,7 @@ class ShardDataset(IterableDataset):
         first = offsets[start_batch]
         stats.not_decoded = first
         needed = plan.order[first:]
-        mappable = all(mappable_path(s.url) is not None for s in plan.shards)
+        mappable = all(mappable_path(p.shard.url) is not None for p in plan.parts)
         source = (MappedShards if mappable else StreamedShards)(plan, needed, self.options, stats)
         try:
             for index in range(start_batch, len(plan.batch_sizes)):
@@ -320,23 +349,24 @@ class Taken(NamedTuple):
 
 
 class MappedShards:
-    """Random access to a worker's planned samples in local shards: each shard is memory-mapped
-    and indexed once (``index_tar``), then any position costs a slice of the map. Nothing
-    is buffered: the page cache holds the bytes, and the shuffle order reads them directly.
+    """Random access to a worker's planned samples in local shards: each shard (part) is
+    memory-mapped and indexed once (``index_tar``), then any position costs a slice of the map.
+    Nothing is buffered: the page cache holds the bytes, and the shuffle order reads them directly.
 
     Shards must not be truncated in place while a run reads them (the kernel then kills the
     reader with SIGBUS); replacing a file by rename, as ``pipeline-shards`` does, is safe."""
 
     def __init__(self, plan: WorkerPlan, needed: np.ndarray, options: StreamOptions, stats: WorkerStats) -> None:
-        self.shards, self.stats = plan.shards, stats
-        self.starts = plan.shard_starts
-        self.owner = np.repeat(np.arange(len(self.shards)), [s.samples for s in self.shards])  # shard of each position
-        # How many positions each shard still has to give: a shard is unmapped at zero, and
+        self.parts, self.stats = plan.parts, stats
+        self.urls = [p.shard.url for p in self.parts]
+        self.starts = plan.part_starts
+        self.owner = np.repeat(np.arange(len(self.parts)), [p.samples for p in self.parts])  # part of each position
+        # How many positions each part still has to give: a shard is unmapped at zero, and
         # shards nobody needs (after a resume) are never opened.
-        self.remaining = np.bincount(self.owner[needed], minlength=len(self.shards))
+        self.remaining = np.bincount(self.owner[needed], minlength=len(self.parts))
         stats.shards_skipped += int((self.remaining == 0).sum())
-        self.maps: list[Any] = [None] * len(self.shards)  # the open shards' bytes
-        self.is_open = np.zeros(len(self.shards), dtype=bool)
+        self.maps: list[Any] = [None] * len(self.parts)  # the open shards' bytes
+        self.is_open = np.zeros(len(self.parts), dtype=bool)
         # Per position, filled when its shard is opened: where its image lies (size -1: the
         # shard stopped before it), its key and its image's extension.
         self.offsets = np.zeros(plan.samples, dtype=np.int64)
@@ -351,23 +381,24 @@ class MappedShards:
         for number in set(shard_of):
             if not self.is_open[number]:
                 self._open(number)
-        maps, order = self.maps, positions.tolist()
+        maps, order, urls = self.maps, positions.tolist(), self.urls
         taken = Taken(
-            [self.shards[n].url for n in shard_of],
+            [urls[n] for n in shard_of],
             [self.keys[p] for p in order],
             [self.extensions[p] for p in order],
             [maps[n][o : o + s] if s >= 0 else None
              for n, o, s in zip(shard_of, self.offsets[positions].tolist(), self.sizes[positions].tolist())],
         )  # fmt: skip
-        self.remaining -= np.bincount(numbers, minlength=len(self.shards))
+        self.remaining -= np.bincount(numbers, minlength=len(self.parts))
         for number in np.flatnonzero((self.remaining == 0) & self.is_open).tolist():
             self._close(number)
         return taken
 
     def _open(self, number: int) -> None:
-        shard = self.shards[number]
-        if number + 1 < len(self.shards):
-            prefetch(self.shards[number + 1].url)
+        part = self.parts[number]
+        shard = part.shard
+        if number + 1 < len(self.parts):
+            prefetch(self.urls[number + 1])
         self.stats.shards_opened += 1
         data: Any = b""
         try:
@@ -383,11 +414,14 @@ class MappedShards:
         elif len(index.keys) > shard.samples:
             log.warning("shard %s has more samples than its manifest says (%d); ignoring '%s' and after",
                         shard.url, shard.samples, index.keys[shard.samples])  # fmt: skip
-        n, start = min(len(index.keys), shard.samples), self.starts[number]
-        self.offsets[start : start + n] = index.offsets[:n]
-        self.sizes[start : start + n] = index.sizes[:n]
-        self.keys[start : start + n] = index.keys[:n]
-        self.extensions[start : start + n] = index.extensions[:n]
+        indices = part.sample_indices()
+        # The part's first n samples are in the shard (the rest keep size -1: missing).
+        n, start = int(np.searchsorted(indices, min(len(index.keys), shard.samples))), self.starts[number]
+        chosen = indices[:n]
+        self.offsets[start : start + n] = np.asarray(index.offsets)[chosen]
+        self.sizes[start : start + n] = np.asarray(index.sizes)[chosen]
+        self.keys[start : start + n] = [index.keys[i] for i in chosen.tolist()]
+        self.extensions[start : start + n] = [index.extensions[i] for i in chosen.tolist()]
         self.maps[number], self.is_open[number] = data, True
 
     def _close(self, number: int) -> None:
@@ -436,30 +470,33 @@ class StreamedShards:
         """Events in reading order: ("sample", position, Sample) for needed samples and
         ("lost", (start, end)) for planned positions a shard failed to deliver."""
         plan, stats = self.plan, self.stats
-        for number, (shard, start) in enumerate(zip(plan.shards, plan.shard_starts)):
-            end = start + shard.samples
-            if not any(p in needed for p in range(start, end)):
+        for number, (part, start) in enumerate(zip(plan.parts, plan.part_starts)):
+            shard, end = part.shard, start + part.samples
+            indices = part.sample_indices()
+            # Sample index in the shard -> position, for the samples this worker still needs.
+            wanted = {i: p for i, p in zip(indices.tolist(), range(start, end)) if p in needed}
+            if not wanted:
                 stats.shards_skipped += 1
                 continue
-            if number + 1 < len(plan.shards):
-                prefetch(plan.shards[number + 1].url)
+            if number + 1 < len(plan.parts):
+                prefetch(plan.parts[number + 1].shard.url)
             shard_stats = ShardStats()
             stats.shards_opened += 1
             seen = 0
-            wanted = lambda i, s=start: s + i in needed  # noqa: E731
-            for record in read_shard(shard.url, wanted, self.options, shard_stats, shard.samples, IMAGE_EXTENSIONS):
+            for record in read_shard(shard.url, wanted.__contains__, self.options, shard_stats, shard.samples,
+                                     IMAGE_EXTENSIONS):  # fmt: skip
                 if record.index >= shard.samples:
                     log.warning("shard %s has more samples than its manifest says (%d); ignoring '%s'",
                                 shard.url, shard.samples, record.key)  # fmt: skip
                     continue
                 seen = record.index + 1
                 if record.members is not None:
-                    yield "sample", start + record.index, (shard.url, record.key, *find_image(record.members))
+                    yield "sample", wanted[record.index], (shard.url, record.key, *find_image(record.members))
             stats.retries += shard_stats.retries
             if seen < shard.samples:
                 if not shard_stats.failures:
                     log.warning("shard %s ended after %d of its %d samples", shard.url, seen, shard.samples)
-                yield "lost", (start + seen, end)
+                yield "lost", (start + int(np.searchsorted(indices, seen)), end)
 
     def close(self) -> None:
         self.records.close()
@@ -505,12 +542,18 @@ def make_loader(
     return loader, dataset
 
 
+def _layout(state: dict[str, Any]) -> Layout:
+    return Layout(**{field.name: state[field.name] for field in dataclasses.fields(Layout)})
+
+
 class EpochIterator:
     """Endless batches, epoch after epoch, in a fixed order, knowing its position.
 
-    The position is (epoch, batches taken in that epoch). The order within an epoch is the
-    round-robin over workers that ``batch_schedule`` defines; batches that arrive out of that
-    order (after a resume, the DataLoader starts its round-robin at worker 0) wait here.
+    The position is (epoch, batches taken in that epoch), and, when the epoch is the
+    continuation of one begun under another layout, those earlier layouts with the batches
+    their ranks took. The order within an epoch is the round-robin over workers that
+    ``batch_schedule`` defines; batches that arrive out of that order (after a resume, the
+    DataLoader starts its round-robin at worker 0) wait here.
     Workers hand batches over through reused slots of shared memory (``handoff.py``).
     It also totals the workers' fault counts and stops the run when too much data is lost.
     """
@@ -519,17 +562,74 @@ class EpochIterator:
         self.loader, self.dataset = loader, dataset
         self.max_skip_fraction = max_skip_fraction
         self.epoch, self.batches_in_epoch = 0, 0
+        self.earlier: list[tuple[Layout, tuple[int, ...]]] = []  # layouts that consumed part of this epoch
         self._iterator = None
         self._reader: SlotReader | None = None
         self._totals: dict[str, int] = {}  # fault counts of finished epochs
         self._current: dict[int, dict[str, int]] = {}  # latest counts per worker, this epoch
 
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "batches_in_epoch": self.batches_in_epoch}
+    def state_dict(self) -> dict[str, Any]:
+        """The position and this rank's layout, and the layouts that consumed this epoch before
+        it: a few numbers (JSON), from which ``resume`` recomputes what was consumed."""
+        return {
+            "epoch": self.epoch, "batches_in_epoch": self.batches_in_epoch, "rank": self.dataset.rank,
+            **dataclasses.asdict(self.dataset.layout),
+            "earlier": [{**dataclasses.asdict(layout), "batches": list(batches)} for layout, batches in self.earlier],
+        }  # fmt: skip
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.epoch, self.batches_in_epoch = state["epoch"], state["batches_in_epoch"]
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from this rank's own state, saved under this layout (else use ``resume``)."""
+        earlier = [(_layout(s), tuple(s["batches"])) for s in state.get("earlier", [])]
+        self._move(state["epoch"], state["batches_in_epoch"], earlier)
+
+    def resume(self, states: list[dict[str, Any]]) -> None:
+        """Continue from the ``state_dict()`` of every rank of the run that saved them (``states[i]``:
+        rank i's, all from one checkpoint), whatever that run's layout.
+
+        Under the same layout (processes, workers, batch size, seed, shuffle buffer) this is
+        ``load_state_dict(states[rank])``: the batches the uninterrupted run would have seen.
+        Under another, the same epoch continues with exactly the samples no old rank consumed,
+        dealt afresh to this layout's ranks and workers; the epochs after it are ordinary ones.
+        In ``resampled`` mode no set of unseen samples exists: another layout starts the next
+        epoch, a fresh draw. States saved before they held their layout (only ``epoch`` and
+        ``batches_in_epoch``) are taken as this layout's when there are as many as processes;
+        otherwise the next epoch starts, with a warning."""
+        first, rank = states[0], self.dataset.rank
+        epoch = first["epoch"]
+        if "world_size" not in first:
+            if len(states) == self.dataset.world_size:
+                return self.load_state_dict(states[rank])
+            return self._restart(epoch + 1, f"the {len(states)} saved positions do not say how they dealt the data")
+        old = _layout(first)
+        if old == self.dataset.layout:
+            return self.load_state_dict(states[rank])
+        if self.dataset.mode != "epoch":
+            return self._restart(epoch + 1, f"{self.dataset.mode} mode has no exact set of unseen samples")
+        if [(s["rank"], s["epoch"], _layout(s), s["earlier"]) for s in states] != [
+            (r, epoch, old, first["earlier"]) for r in range(old.world_size)
+        ]:
+            raise ValueError(f"resume needs the states of all {old.world_size} ranks of one checkpoint, in rank order")
+        earlier = [(_layout(s), tuple(s["batches"])) for s in first["earlier"]]
+        batches = tuple(s["batches_in_epoch"] for s in states)
+        if any(batches):  # (a layout that took nothing changes nothing)
+            earlier.append((old, batches))
+        try:
+            self._move(epoch, 0, earlier)
+            self.dataset.batches_per_worker(epoch)  # can what is left be dealt to this layout?
+        except PlanError as err:
+            return self._restart(epoch + 1, f"what is left of epoch {epoch} cannot be dealt to this layout: {err}")
+        if earlier and not self.dataset.remaining.any():
+            self._move(epoch + 1, 0, [])  # the old run had finished the epoch: nothing is skipped
+
+    def _restart(self, epoch: int, why: str) -> None:
+        log.warning("rank %d: the data restarts at epoch %d, skipping the rest of the epoch before it: %s",
+                    self.dataset.rank, epoch, why)  # fmt: skip
+        self._move(epoch, 0, [])
+
+    def _move(self, epoch: int, batches_in_epoch: int, earlier: list[tuple[Layout, tuple[int, ...]]]) -> None:
         self.close()
+        self.epoch, self.batches_in_epoch, self.earlier = epoch, batches_in_epoch, earlier
+        self.dataset.set_position(epoch, batches_in_epoch, earlier)
 
     def counts(self) -> dict[str, int]:
         """Fault and work counts of this process since it started (all epochs)."""
@@ -540,7 +640,7 @@ class EpochIterator:
         return out
 
     def _start_epoch(self) -> None:
-        self.dataset.set_position(self.epoch, self.batches_in_epoch)
+        self.dataset.set_position(self.epoch, self.batches_in_epoch, self.earlier)
         self._schedule = batch_schedule(self.dataset.batches_per_worker(self.epoch))
         if not self._schedule:
             raise DataError(f"epoch {self.epoch} has no batches for rank {self.dataset.rank}")
@@ -561,8 +661,7 @@ class EpochIterator:
     def _end_epoch(self) -> None:
         self._totals = self.counts()
         self._current = {}
-        self.epoch, self.batches_in_epoch = self.epoch + 1, 0
-        self.close()
+        self._move(self.epoch + 1, 0, [])
 
     def __iter__(self):
         return self

@@ -10,13 +10,19 @@ Everything here is pure arithmetic on shard sample counts (from the manifest), s
   to the samples themselves), so it still streams; but a resumed run can compute which
   positions the first k emissions used and skip them without decoding, and skip whole shards
   without opening them.
+
+Because of that, the samples an epoch has consumed are known from its layout (processes,
+workers, batch size, seed, shuffle buffer) and the batches each rank took. A run resumed under
+another layout continues the same epoch: ``unconsumed`` recomputes what is left, and
+``epoch_plan`` deals just that (a *continuation* of the epoch), as parts of shards.
 """
 
 from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass
+from collections.abc import Collection, Sequence
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
@@ -29,27 +35,55 @@ class Shard:
     samples: int | None  # None when no manifest says how many
 
 
+@dataclass(frozen=True, eq=False)
+class Part:
+    """A shard to read: all of it or, in a continued epoch, only its samples not yet consumed."""
+
+    number: int  # the shard's place in the dataset's shard list
+    shard: Shard
+    indices: np.ndarray | None = None  # ascending sample indices within the shard; None: all
+
+    @property
+    def samples(self) -> int:
+        return self.shard.samples if self.indices is None else len(self.indices)
+
+    def sample_indices(self) -> np.ndarray:
+        return np.arange(self.shard.samples) if self.indices is None else self.indices
+
+
 @dataclass
 class WorkerPlan:
     """One (rank, worker)'s share of an epoch."""
 
-    shards: list[Shard]
+    parts: list[Part]
     samples: int
     batch_sizes: list[int]  # consecutive batches of the emission order
-    # Computed only for the worker that asked (O(samples) each):
-    order: np.ndarray | None = None  # emission order: positions in the concatenation of ``shards``
+    # Computed only for the workers asked for (O(samples) each):
+    order: np.ndarray | None = None  # emission order: positions in the concatenation of ``parts``
     flips: np.ndarray | None = None  # per position: mirror the image horizontally
 
     @property
-    def shard_starts(self) -> list[int]:
-        return [0, *np.cumsum([s.samples for s in self.shards]).tolist()]
+    def part_starts(self) -> list[int]:
+        return [0, *np.cumsum([p.samples for p in self.parts]).tolist()]
 
 
-def shard_order(n: int, seed: int, epoch: int, shuffle: bool) -> list[int]:
+@dataclass(frozen=True)
+class Layout:
+    """How the ranks and workers of a run shared out an epoch: with the batches each rank took,
+    what the samples they consumed are recomputed from."""
+
+    world_size: int
+    num_workers: int  # workers per rank in the plan: 1 when the DataLoader has none
+    batch_size: int
+    seed: int
+    shuffle_buffer: int
+
+
+def shard_order(n: int, seed: int, epoch: int, shuffle: bool, continuation: int = 0) -> list[int]:
     """The epoch's shard order; the same on every rank because the seed is shared."""
     order = list(range(n))
     if shuffle:
-        random.Random(f"shards-{seed}-{epoch}").shuffle(order)
+        random.Random(f"shards-{seed}-{epoch}" + (f"-{continuation}" if continuation else "")).shuffle(order)
     return order
 
 
@@ -76,6 +110,24 @@ def even_batches(n: int, batches: int) -> list[int]:
     return [n // batches + (i < n % batches) for i in range(batches)] if batches else []
 
 
+def cut(parts: list[Part], bins: int) -> list[list[Part]]:
+    """``parts`` as ``bins`` consecutive runs whose sample counts differ by at most one; a part
+    that straddles the end of a run is split there."""
+    runs, stack = [], parts[::-1]
+    for size in even_batches(sum(p.samples for p in parts), bins):
+        run = []
+        while size:
+            part = stack.pop()
+            if part.samples > size:
+                indices = part.sample_indices()
+                stack.append(Part(part.number, part.shard, indices[size:]))
+                part = Part(part.number, part.shard, indices[:size])
+            run.append(part)
+            size -= part.samples
+        runs.append(run)
+    return runs
+
+
 class PlanError(DataError):
     """The shards cannot be dealt the way the config asks."""
 
@@ -92,19 +144,32 @@ def epoch_plan(
     shuffle: bool,
     shuffle_buffer: int,
     hflip: bool,
-    order_for: int | None = None,
+    order_for: Collection[int] = (),
+    remaining: np.ndarray | None = None,
+    continuation: int = 0,
 ) -> list[WorkerPlan]:
     """The plans of every worker of ``rank`` for ``epoch`` (one entry when num_workers == 0);
-    the sample order and flips only for worker ``order_for``."""
+    the sample order and flips only for the workers in ``order_for``.
+
+    With ``remaining`` (per sample of the epoch, the shards' samples concatenated in list order:
+    not consumed yet, from ``unconsumed``), the plan of the epoch's ``continuation``-th
+    continuation under this layout: only those samples, and no shard that has none of them."""
     if any(s.samples is None for s in shards):
         raise PlanError("epoch mode needs the sample count of every shard: read the shards through their "
                         "manifest.json (the shard writer makes one), or use data.mode=resampled")
-    counts = [s.samples for s in shards]
-    order = shard_order(len(shards), seed, epoch, shuffle)
     workers = max(1, num_workers)
-    per_rank = balance(counts, order, world_size)
-    per_worker = [balance(counts, rank_shards, workers) for rank_shards in per_rank]
-    samples = [[sum(counts[i] for i in w) for w in r] for r in per_worker]
+    if remaining is None:
+        counts = [s.samples for s in shards]
+        per_rank = balance(counts, shard_order(len(shards), seed, epoch, shuffle), world_size)
+        per_worker = [[[Part(i, shards[i]) for i in w] for w in balance(counts, r, workers)] for r in per_rank]
+    else:
+        # What an interrupted epoch leaves is typically a few partly read shards and some whole
+        # ones, too few and uneven to deal whole shards: cut into equal runs instead, splitting
+        # at most one shard per run.
+        parts = _parts_left(shards, remaining)
+        parts = [parts[i] for i in shard_order(len(parts), seed, epoch, shuffle, continuation)]
+        per_worker = [cut(rank_parts, workers) for rank_parts in cut(parts, world_size)]
+    samples = [[sum(p.samples for p in w) for w in r] for r in per_worker]
     # Every rank must run the same number of batches: the largest need sets it.
     target = max(sum(math.ceil(n / batch_size) for n in r) for r in samples)
     for r, rank_samples in enumerate(samples):
@@ -116,15 +181,51 @@ def epoch_plan(
             )
     batches = _batches_per_worker(samples[rank], batch_size, target)
     plans = []
-    for w, shard_ids in enumerate(per_worker[rank]):
+    for w, parts in enumerate(per_worker[rank]):
         n = samples[rank][w]
-        plan = WorkerPlan([shards[i] for i in shard_ids], n, even_batches(n, batches[w]))
-        if w == order_for:
-            rng = np.random.default_rng([seed, epoch, rank, w, 0x5EED])
+        plan = WorkerPlan(parts, n, even_batches(n, batches[w]))
+        if w in order_for:
+            # (A continuation's own seed; a fresh epoch's stays what it always was.)
+            rng = np.random.default_rng([seed, epoch, rank, w, 0x5EED] + ([continuation] if continuation else []))
             plan.order = window_shuffle(n, shuffle_buffer, rng) if shuffle else np.arange(n)
             plan.flips = (rng.random(n) < 0.5) if hflip else np.zeros(n, dtype=bool)
         plans.append(plan)
     return plans
+
+
+def _parts_left(shards: list[Shard], remaining: np.ndarray) -> list[Part]:
+    if len(remaining) != sum(s.samples for s in shards):
+        raise PlanError(f"the consumed samples were computed for {len(remaining)} samples, not these shards' "
+                        f"{sum(s.samples for s in shards)}")  # fmt: skip
+    parts, start = [], 0
+    for number, shard in enumerate(shards):
+        indices = np.flatnonzero(remaining[start : start + shard.samples])
+        start += shard.samples
+        if len(indices):
+            parts.append(Part(number, shard, None if len(indices) == shard.samples else indices))
+    return parts
+
+
+def unconsumed(
+    shards: list[Shard], *, epoch: int, shuffle: bool, earlier: Sequence[tuple[Layout, Sequence[int]]]
+) -> np.ndarray:
+    """Per sample of ``epoch`` (the shards' samples concatenated in list order): not consumed by
+    the ``earlier`` layouts, in turn, each rank r of one having taken its first ``batches[r]``
+    batches of what the layouts before it left. O(samples); nothing is read."""
+    starts = np.cumsum([0] + [s.samples or 0 for s in shards])
+    remaining = None
+    for continuation, (layout, batches) in enumerate(earlier):
+        left = np.ones(starts[-1], dtype=bool) if remaining is None else remaining.copy()
+        for rank, taken in enumerate(batches):
+            plans = epoch_plan(
+                shards, epoch=epoch, rank=rank, shuffle=shuffle, hflip=False, order_for=range(layout.num_workers),
+                remaining=remaining, continuation=continuation, **asdict(layout),
+            )  # fmt: skip
+            for plan, n in zip(plans, batches_taken([len(p.batch_sizes) for p in plans], taken)):
+                ids = np.concatenate([starts[p.number] + p.sample_indices() for p in plan.parts] + [np.zeros(0, int)])
+                left[ids[plan.order[: sum(plan.batch_sizes[:n])]]] = False
+        remaining = left
+    return remaining
 
 
 def _batches_per_worker(samples: list[int], batch_size: int, target: int) -> list[int]:
@@ -147,3 +248,13 @@ def batch_schedule(batches_per_worker: list[int]) -> list[tuple[int, int]]:
                 schedule.append((w, taken[w]))
                 taken[w] += 1
     return schedule
+
+
+def batches_taken(batches_per_worker: list[int], taken: int) -> list[int]:
+    """How many batches of each worker the first ``taken`` batches of the schedule hold."""
+    if taken > sum(batches_per_worker):
+        raise PlanError(f"{taken} batches taken of an epoch that has {sum(batches_per_worker)}")
+    counts = [0] * len(batches_per_worker)
+    for w, _ in batch_schedule(batches_per_worker)[:taken]:
+        counts[w] += 1
+    return counts
