@@ -62,9 +62,8 @@ def deepspeed_config(cfg: Config, world_size: int, environ: dict[str, str] | Non
         # loss_scale 0: dynamic loss scaling; an overflow step is skipped and the scale halved.
         "fp16": {"enabled": precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
     }
-    from_launcher = set(filter(None, env.get("ACCELERATE_CONFIG_DS_FIELDS", "").split(",")))
     for variable, (ds_key, cfg_key) in _DUPLICATED.items():
-        if variable in env and ds_key in from_launcher:
+        if variable in env:  # exported only when an accelerate config or flag set it
             _agree(ds_key, float(env[variable]), derived[ds_key], cfg_key, "the accelerate config")
     zero: dict[str, Any] = {"stage": int(env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2"))}
     for device_key, variable in (("offload_optimizer", "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE"),
@@ -153,10 +152,11 @@ def make_accelerator(cfg: Config):
         raise ConfigError("DeepSpeed with use_cpu/--cpu: Accelerate would silently drop DeepSpeed. Leave use_cpu out; "
                           "without a GPU the pipeline runs DeepSpeed over gloo by itself")  # fmt: skip
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    plugin = DeepSpeedPlugin(hf_ds_config=deepspeed_config(cfg, world_size))
+    ds_config = deepspeed_config(cfg, world_size)
     # Accelerate refuses a DeepSpeed config object when its launcher also exported ZeRO fields,
     # because one would override the other. deepspeed_config() has merged and checked both.
     os.environ.pop("ACCELERATE_CONFIG_DS_FIELDS", None)
+    plugin = DeepSpeedPlugin(hf_ds_config=ds_config)
     if not has_accelerator():
         handlers = [InitProcessGroupKwargs(backend="gloo", timeout=timeout)]
     return Accelerator(

@@ -38,7 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     # Heavy imports after the config check, so a typo is reported in a second.
     from pipeline.data.streams import DataError
     from pipeline.distributed import make_accelerator
-    from pipeline.trainer import Trainer, TrainingStalled
+    from pipeline.trainer import Trainer
+    from pipeline.updates import TrainingStalled
 
     try:
         accelerator = make_accelerator(cfg)

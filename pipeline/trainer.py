@@ -47,6 +47,7 @@ from pipeline.model.noise import StepNoise
 from pipeline.objective import kl_warmup_weight
 from pipeline.runs import resolve_data_urls
 from pipeline.tracking import Tracker
+from pipeline.updates import TrainingStalled, UpdateGuard
 
 log = logging.getLogger(__name__)
 
@@ -61,10 +62,6 @@ def lr_factor(cfg: Config, step: int) -> float:
     progress = min(1.0, (step - warmup) / max(1, cfg.train.steps - warmup))
     floor = cfg.optim.min_lr_ratio
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-class TrainingStalled(RuntimeError):
-    """Training cannot make progress (e.g. every update is being skipped)."""
 
 
 class Trainer:
@@ -104,7 +101,7 @@ class Trainer:
         self.noise = StepNoise(accelerator.process_index, accelerator.num_processes, cfg.train.grad_accum_steps,
                                accelerator.device)  # fmt: skip
         self.micro_batch = 0
-        self.consecutive_skips = 0
+        self.updates = UpdateGuard(accelerator, self.scheduler, cfg)
 
         train_urls, eval_urls = self._data_urls()
         data = cfg.data
@@ -120,7 +117,7 @@ class Trainer:
         )  # fmt: skip
         self.eval_loader, _ = make_loader(eval_urls, train=False, **common)
 
-        self.step, self.skipped_updates, self.overflow_steps = 0, 0, 0
+        self.step = 0
         self.first_eval: dict[str, float] | None = None
         run_id = self._resume(*resumed[1:]) if resumed else None
         self.tracker = Tracker(
@@ -154,18 +151,14 @@ class Trainer:
         MLflow run id when it is this run directory's own."""
         load_optimizer_state(self.accelerator, self.model, self.optimizer, optimizer_state)
         self.scheduler.load_state_dict(state["scheduler"])
-        self.step, self.skipped_updates = state["step"], state["skipped_updates"]
-        self.overflow_steps = state.get("overflow_steps", 0)
+        self.step = state["step"]
+        self.updates.skipped, self.updates.overflows = state["skipped_updates"], state.get("overflow_steps", 0)
         if state.get("loss_scale") and self.accelerator.scaler is not None:
             self.accelerator.scaler.load_state_dict(state["loss_scale"])
         self.first_eval = state.get("first_eval")
         rank, same_layout = self.accelerator.process_index, state["world_size"] == self.accelerator.num_processes
-        if hasattr(self.train_batches, "resume"):
-            self.train_batches.resume(state["data"])
-        elif same_layout:
-            self.train_batches.load_state_dict(state["data"][rank])
-        else:
-            self.train_batches.load_state_dict({"epoch": state["data"][0]["epoch"] + 1, "batches_in_epoch": 0})
+        # Another number of processes continues the same epoch with exactly the unseen samples.
+        self.train_batches.resume(state["data"])
         # The generators are in step on every rank (model/noise.py): any saved rank's will do.
         restore_rng(state["rng"][rank] if same_layout else state["rng"][0])
         if self.is_main:
@@ -207,8 +200,8 @@ class Trainer:
                 metrics |= {
                     "train/images_per_s": images / elapsed,
                     "train/lr": self.scheduler.get_last_lr()[0],
-                    "train/skipped_updates": self.skipped_updates,
-                    "train/overflow_steps": self.overflow_steps,
+                    "train/skipped_updates": self.updates.skipped,
+                    "train/overflow_steps": self.updates.overflows,
                     "train/kl_weight": self.kl_weight(),
                     "train/ema_decay": self.ema.decay_at(self.step),
                     "train/epoch": self.train_batches.epoch,
@@ -262,9 +255,9 @@ class Trainer:
                 return None
             self.micro_batch = 0
             if self.deepspeed:
-                grad_norm, outcome = self._deepspeed_outcome(skipped_before)
+                grad_norm, outcome = self.updates.after_deepspeed_step(self.model, skipped_before)
             else:
-                grad_norm, outcome = self._update()
+                grad_norm, outcome = self.updates.step(self.model, self.optimizer)
         if outcome == "stepped":
             self._update_ema()
         stats = {k: v.detach() for k, v in out.items() if k != "kl_bpd_per_group"}
@@ -275,57 +268,6 @@ class Trainer:
         stats["skip_rate"] = torch.tensor(float(outcome == "skipped"), device=grad_norm.device)
         stats["overflow_rate"] = torch.tensor(float(outcome == "overflow"), device=grad_norm.device)
         return stats
-
-    def _update(self) -> tuple[torch.Tensor, str]:
-        """DDP / one process: clip, then step, skip, or let the fp16 loss scaler drop the step.
-
-        The norm is computed from all-reduced gradients, so every rank takes the same decision
-        and the replicas stay identical (VDVAE's update skipping). Under fp16 a non-finite norm
-        is an overflow of the loss scale, not a sign of divergence: the scaler skips the step
-        and lowers its scale, and the stall guard does not count it.
-        """
-        objective, scaler = self.cfg.objective, self.accelerator.scaler
-        grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
-        finite = bool(torch.isfinite(grad_norm))
-        if scaler is not None and not finite:
-            self.optimizer.step()  # the scaler sees the inf, skips the update and lowers its scale
-            outcome = "overflow"
-        elif not finite or 0 < objective.skip_threshold < grad_norm.item():
-            if scaler is not None:
-                scaler.update()  # the gradients were unscaled for the norm: close that scaler step
-            outcome = "skipped"
-        else:
-            self.optimizer.step()
-            outcome = "overflow" if self.optimizer.step_was_skipped else "stepped"
-        self.optimizer.zero_grad(set_to_none=True)
-        self._count(outcome, grad_norm)
-        return grad_norm, outcome
-
-    def _deepspeed_outcome(self, skipped_before: int) -> tuple[torch.Tensor, str]:
-        """DeepSpeed clipped and stepped inside backward(), and skipped the step itself when the
-        norm was not finite (its overflow check; under fp16 with a scale decrease)."""
-        norm = self.model.get_global_grad_norm()
-        grad_norm = torch.tensor(float("inf") if norm is None else float(norm), device=self.accelerator.device)
-        skipped = self.model.skipped_steps > skipped_before
-        outcome = ("overflow" if self.cfg.train.mixed_precision == "fp16" else "skipped") if skipped else "stepped"
-        self._count(outcome, grad_norm)
-        return grad_norm, outcome
-
-    def _count(self, outcome: str, grad_norm: torch.Tensor) -> None:
-        if outcome == "stepped":
-            self.scheduler.step()
-            self.consecutive_skips = 0
-        elif outcome == "overflow":
-            self.overflow_steps += 1
-        else:
-            self.skipped_updates += 1
-            self.consecutive_skips += 1
-            if self.consecutive_skips >= self.cfg.objective.max_consecutive_skips:
-                raise TrainingStalled(
-                    f"the last {self.consecutive_skips} updates were all skipped (grad norm {grad_norm.item():.4g}, "
-                    f"objective.skip_threshold={self.cfg.objective.skip_threshold}): the model is not learning. Raise "
-                    "objective.skip_threshold, lower optim.lr, or resume from an earlier checkpoint"
-                )
 
     def _update_ema(self) -> None:
         module = self.accelerator.unwrap_model(self.model)
@@ -422,8 +364,8 @@ class Trainer:
             state = {
                 "world_size": acc.num_processes,
                 "strategy": f"deepspeed-zero{zero_stage(self.model)}" if self.deepspeed else str(acc.distributed_type).lower(),
-                "skipped_updates": self.skipped_updates,
-                "overflow_steps": self.overflow_steps,
+                "skipped_updates": self.updates.skipped,
+                "overflow_steps": self.updates.overflows,
                 "loss_scale": acc.scaler.state_dict() if acc.scaler is not None else None,
                 "data": [r["data"] for r in per_rank],
                 "rng": [r["rng"] for r in per_rank],
