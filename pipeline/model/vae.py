@@ -19,7 +19,7 @@ from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
 from pipeline.config import ModelConfig
-from pipeline.model.blocks import DecoderBlockSpec, ResidualBlock, parse_decoder_blocks, parse_encoder_blocks
+from pipeline.model.blocks import DecoderBlockSpec, ResidualBlock, conv, parse_decoder_blocks, parse_encoder_blocks
 from pipeline.model.likelihood import make_likelihood, to_unit_range
 from pipeline.objective import gaussian_kl, negative_elbo, soft_clamp
 
@@ -43,7 +43,7 @@ class BottomUp(nn.Module):
         super().__init__()
         specs = parse_encoder_blocks(cfg.encoder_blocks, cfg.resolution)
         self.grad_checkpoint = cfg.grad_checkpoint
-        self.stem = nn.Conv2d(cfg.channels, cfg.width_at(cfg.resolution), 3, padding=1)
+        self.stem = conv(cfg.channels, cfg.width_at(cfg.resolution), 3)
         scale = 1.0 / math.sqrt(len(specs))
         blocks, projections = [], {}
         for i, s in enumerate(specs):
@@ -51,7 +51,7 @@ class BottomUp(nn.Module):
             blocks.append(ResidualBlock(w, _hidden(w, cfg), w, s.resolution, down_rate=s.down_rate, last_scale=scale))
             if s.down_rate and cfg.width_at(s.resolution // s.down_rate) != w:
                 # A new resolution with other channels: a 1x1 projection after the pooling.
-                projections[str(i)] = nn.Conv2d(w, cfg.width_at(s.resolution // s.down_rate), 1)
+                projections[str(i)] = conv(w, cfg.width_at(s.resolution // s.down_rate), 1)
         self.blocks = nn.ModuleList(blocks)
         self.projections = nn.ModuleDict(projections)
 
@@ -94,7 +94,7 @@ class TopDownBlock(nn.Module):
         self.posterior = ResidualBlock(2 * w, h, 2 * z, spec.resolution, residual=False)
         # The prior also emits an update of the state, so the state can carry what z_<i said.
         self.prior = ResidualBlock(w, h, 2 * z + w, spec.resolution, residual=False, zero_last=True)
-        self.z_proj = nn.Conv2d(z, w, 1)
+        self.z_proj = conv(z, w, 1)
         with torch.no_grad():
             self.z_proj.weight.mul_(scale)
         self.cell = ResidualBlock(w, h, w, spec.resolution, last_scale=scale)
@@ -144,7 +144,7 @@ class TopDown(nn.Module):
         self.widths = {r: cfg.width_at(r) for r in resolutions}
         # Merging a lower resolution's state into one with other channels: a 1x1 projection.
         self.merge_projections = nn.ModuleDict(
-            {f"{s.merge_from}to{s.resolution}": nn.Conv2d(cfg.width_at(s.merge_from), cfg.width_at(s.resolution), 1)
+            {f"{s.merge_from}to{s.resolution}": conv(cfg.width_at(s.merge_from), cfg.width_at(s.resolution), 1)
              for s in specs if s.merge_from is not None and cfg.width_at(s.merge_from) != cfg.width_at(s.resolution)}
         )  # fmt: skip
 
