@@ -143,3 +143,27 @@ def test_residual_branches_are_scaled_by_the_depth_of_their_pass():
         assert scaled_by(block.cell.convs[-1], decoder_scale)
         assert scaled_by(block.z_proj, decoder_scale)
         assert scaled_by(block.posterior.convs[-1], 1.0)
+
+
+def test_final_state_gets_a_learned_gain_and_bias_that_start_as_the_identity(tmp_path):
+    torch.manual_seed(0)
+    model = VAE(load_config(None, TINY_MODEL).model)
+    affine = model.top_down.output_gain_bias
+    assert affine.gain.shape == affine.bias.shape == (1, 16, 1, 1)
+    assert torch.equal(affine.gain, torch.ones_like(affine.gain)) and not affine.bias.any()
+
+    # A model saved before the gain and bias existed loads, with them at the identity.
+    old = {k: v for k, v in model.state_dict().items() if "output_gain_bias" not in k}
+    with torch.no_grad():
+        affine.gain.mul_(2.0)
+    model.load_state_dict(old)
+    assert torch.equal(affine.gain, torch.ones_like(affine.gain))
+    # ... and so does an encoder exported then.
+    encoder = Encoder.from_vae(model)
+    encoder.save_pretrained(tmp_path)
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(tmp_path / "encoder.safetensors")
+    save_file({k: v for k, v in weights.items() if "output_gain_bias" not in k}, tmp_path / "encoder.safetensors")
+    images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    assert all(torch.equal(a, b) for a, b in zip(Encoder.from_pretrained(tmp_path)(images), encoder(images)))

@@ -126,6 +126,29 @@ class TopDownBlock(nn.Module):
         return state, out
 
 
+class GainBias(nn.Module):
+    """A learned per-channel gain and bias on the final top-down state, before the likelihood
+    (VDVAE's ``gain``/``bias`` in its decoder's ``final_fn``): it lets the likelihood head see
+    the state at the scale it needs without the residual cells growing to provide it. Starts
+    as the identity (gain 1, bias 0)."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.gain = nn.Parameter(torch.ones(1, width, 1, 1))
+        self.bias = nn.Parameter(torch.zeros(1, width, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gain + self.bias
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # Checkpoints and exported encoders from before this layer existed have neither
+        # tensor; they were trained with what is the identity here, so they load unchanged.
+        if prefix + "gain" not in state_dict and prefix + "bias" not in state_dict:
+            state_dict[prefix + "gain"] = torch.ones_like(self.gain)
+            state_dict[prefix + "bias"] = torch.zeros_like(self.bias)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
 class TopDown(nn.Module):
     """Runs the latent groups from the lowest resolution up to the image resolution."""
 
@@ -147,6 +170,7 @@ class TopDown(nn.Module):
             {f"{s.merge_from}to{s.resolution}": conv(cfg.width_at(s.merge_from), cfg.width_at(s.resolution), 1)
              for s in specs if s.merge_from is not None and cfg.width_at(s.merge_from) != cfg.width_at(s.resolution)}
         )  # fmt: skip
+        self.output_gain_bias = GainBias(cfg.width_at(cfg.resolution))
 
     def forward(
         self,
@@ -155,7 +179,8 @@ class TopDown(nn.Module):
         temperature: float | list[float] = 1.0,
         use_mean: bool = False,
     ) -> tuple[torch.Tensor, list[GroupOutput]]:
-        """Returns the final (N, W, H, W) state and one GroupOutput per latent group.
+        """Returns the final (N, W, H, W) state (after the output gain and bias) and one
+        GroupOutput per latent group.
 
         ``temperature`` may be one number or one per group (used only when sampling the prior).
         """
@@ -179,7 +204,7 @@ class TopDown(nn.Module):
             state, group = _run(block, self.grad_checkpoint, state, block_features, t, use_mean)
             states[block.resolution] = state
             groups.append(group)
-        return states[self.resolution], groups
+        return self.output_gain_bias(states[self.resolution]), groups
 
 
 class VAE(nn.Module):
