@@ -167,6 +167,40 @@ class PixelStatistics:
         }
 
 
+# How PIL's convert("L") weighs R, G and B: what the loader does to colour images for a
+# grayscale model.
+LUMA_WEIGHTS = (0.299, 0.587, 0.114)
+
+
+def _as_channels(stats: dict[str, Any], channels: int) -> tuple[list[float], list[float]]:
+    """A split's (mean, std) for a model of ``channels`` channels, as the loader feeds it.
+
+    Grayscale read as RGB repeats the channel: exact. RGB read as grayscale takes the luma
+    mean (exact) and the same weighting of the channel stds, an upper bound of the luma's std
+    (the channels' covariances are not stored), which is close for natural images, whose
+    channels move together."""
+    mean, std = list(stats["mean"]), list(stats["std"])
+    if len(mean) == channels:
+        return mean, std
+    if channels == 3:
+        return mean * 3, std * 3
+    return [sum(w * m for w, m in zip(LUMA_WEIGHTS, mean))], [sum(w * d for w, d in zip(LUMA_WEIGHTS, std))]
+
+
+def pooled_pixel_statistics(splits: list[dict[str, Any]], channels: int) -> tuple[list[float], list[float]]:
+    """Per-channel (mean, std) over several splits' ``pixel_stats``, as if they were one set:
+    each weighted by its pixel count, through E[x] and E[x^2]."""
+    total = sum(s["pixels"] for s in splits)
+    first = [0.0] * channels
+    second = [0.0] * channels
+    for stats in splits:
+        weight = stats["pixels"] / total
+        for c, (m, d) in enumerate(zip(*_as_channels(stats, channels))):
+            first[c] += weight * m
+            second[c] += weight * (d * d + m * m)
+    return first, [max(e2 - m * m, 0.0) ** 0.5 for m, e2 in zip(first, second)]
+
+
 class EncodedSample(NamedTuple):
     key: str
     extension: str

@@ -36,6 +36,20 @@ def _hidden(width: int, cfg: ModelConfig) -> int:
     return max(1, int(width * cfg.bottleneck_ratio))
 
 
+def input_standardization(cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, shift), each (1, C, 1, 1), that turn the likelihood's target x in [-1, 1] into
+    the encoder's input (p - mean) / std, p = (x + 1) * 127.5 being the pixel value 0..255.
+
+    Working from x rather than from the uint8 pixels keeps one entry point for uint8 and float
+    images, and a ``data_bits`` < 8 model's encoder sees the values it models. Without
+    statistics (or with ``standardize_input`` off) it is the identity: mean = std = 127.5."""
+    channels = cfg.channels
+    use = cfg.standardize_input and cfg.input_mean
+    mean = torch.tensor(cfg.input_mean if use else [127.5] * channels, dtype=torch.float32)
+    std = torch.tensor(cfg.input_std if use else [127.5] * channels, dtype=torch.float32)
+    return (127.5 / std).view(1, channels, 1, 1), ((127.5 - mean) / std).view(1, channels, 1, 1)
+
+
 class BottomUp(nn.Module):
     """Image -> features per resolution: ``{32: (N, W32, 32, 32), 16: ..., 4: ...}``."""
 
@@ -43,6 +57,11 @@ class BottomUp(nn.Module):
         super().__init__()
         specs = parse_encoder_blocks(cfg.encoder_blocks, cfg.resolution)
         self.grad_checkpoint = cfg.grad_checkpoint
+        # Not saved in the state dict: the config holds the statistics (so checkpoints and
+        # exported encoders from before them still load); buffers follow the model's device.
+        scale, shift = input_standardization(cfg)
+        self.register_buffer("input_scale", scale, persistent=False)
+        self.register_buffer("input_shift", shift, persistent=False)
         self.stem = conv(cfg.channels, cfg.width_at(cfg.resolution), 3)
         scale = 1.0 / math.sqrt(len(specs))
         blocks, projections = [], {}
@@ -56,8 +75,8 @@ class BottomUp(nn.Module):
         self.projections = nn.ModuleDict(projections)
 
     def forward(self, x: torch.Tensor) -> dict[int, torch.Tensor]:
-        """x: (N, C, H, W) in [-1, 1]."""
-        h = self.stem(x)
+        """x: (N, C, H, W) in [-1, 1], the likelihood's target; standardised here."""
+        h = self.stem(x * self.input_scale + self.input_shift)
         features = {h.shape[-1]: h}
         for i, block in enumerate(self.blocks):
             h = _run(block, self.grad_checkpoint, h)
