@@ -162,8 +162,9 @@ class ModelConfig:
 
     def _check_input_statistics(self) -> None:
         for name in ("input_mean", "input_std"):
-            if len(getattr(self, name)) not in (0, self.channels):
-                raise ConfigError(f"model.{name}: one value per channel ({self.channels}) or none, got {getattr(self, name)}")
+            values = getattr(self, name)
+            if len(values) not in (0, self.channels):
+                raise ConfigError(f"model.{name}: one value per channel ({self.channels}) or none, got {values}")
         if bool(self.input_mean) != bool(self.input_std):
             raise ConfigError("model.input_mean and model.input_std: give both or neither (neither: from the manifest)")
         if any(not 0 < v < float("inf") for v in self.input_std):

@@ -128,10 +128,11 @@ def test_pixel_statistics_count_grayscale_images_as_rgb_in_a_colour_split(tmp_pa
     must count it once in each channel; a grayscale-only split has one channel."""
     colour, gray = _random_samples(3, channels=3), _random_samples(2, channels=1, seed=1)
     manifest = write_dataset(tmp_path / "mixed", {"train": iter(colour + gray)}, 2, {})
-    as_rgb = np.stack([image for _, image, _ in colour] + [np.repeat(image[..., None], 3, -1) for _, image, _ in gray])
+    as_rgb = [image for _, image, _ in colour] + [np.repeat(image[..., None], 3, -1) for _, image, _ in gray]
     stats = manifest["splits"]["train"]["pixel_stats"]
-    values = as_rgb.reshape(-1, 3).astype(np.float64)
-    assert np.allclose(stats["mean"], values.mean(0), atol=1e-9) and np.allclose(stats["std"], values.std(0), atol=1e-9)
+    values = np.stack(as_rgb).reshape(-1, 3).astype(np.float64)
+    assert np.allclose(stats["mean"], values.mean(0), atol=1e-9)
+    assert np.allclose(stats["std"], values.std(0), atol=1e-9)
     assert stats["pixels"] == 5 * 32 * 32
 
     stats = write_dataset(tmp_path / "gray", {"train": iter(gray)}, 2, {})["splits"]["train"]["pixel_stats"]
