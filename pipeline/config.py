@@ -117,6 +117,18 @@ class ModelConfig:
     grad_checkpoint: bool = False
     """Recompute each residual block's activations in the backward pass instead of storing
     them: less memory, about a third more compute, the same gradients."""
+    standardize_input: bool = True
+    """Feed the encoder each channel's pixel values standardised, (x - input_mean) / input_std
+    on the 0..255 scale, so its input has std ~1 whatever the dataset (VDVAE: CIFAR-10 as
+    (x - 120.64) / 64.17); the likelihood's target stays in [-1, 1]. False: the encoder sees
+    the target itself, (x - 127.5) / 127.5."""
+    input_mean: list[float] = field(default_factory=list)
+    """Per-channel mean of the training pixels (0..255) for ``standardize_input``. Empty: taken
+    from the training shards' manifest when training starts
+    (``pipeline.runs.resolve_input_statistics``) and saved with the run's config; a model built
+    with it empty uses 127.5, the plain [-1, 1] scaling."""
+    input_std: list[float] = field(default_factory=list)
+    """Per-channel std of the training pixels (0..255), as ``input_mean`` (empty: 127.5)."""
 
     def __post_init__(self) -> None:
         _check_positive(self, "resolution", "width", "latent_channels")
@@ -135,6 +147,7 @@ class ModelConfig:
             )
         if not 0 < self.bottleneck_ratio <= 1:
             raise ConfigError(f"model.bottleneck_ratio: must be in (0, 1], got {self.bottleneck_ratio}")
+        self._check_input_statistics()
         # Parsing here makes a malformed block string fail at start, not at model build.
         from pipeline.model.blocks import check_architecture, parse_decoder_blocks, parse_encoder_blocks
 
@@ -146,6 +159,16 @@ class ModelConfig:
         except ValueError as err:
             raise ConfigError(f"model: {err}") from None
 
+
+    def _check_input_statistics(self) -> None:
+        for name in ("input_mean", "input_std"):
+            values = getattr(self, name)
+            if len(values) not in (0, self.channels):
+                raise ConfigError(f"model.{name}: one value per channel ({self.channels}) or none, got {values}")
+        if bool(self.input_mean) != bool(self.input_std):
+            raise ConfigError("model.input_mean and model.input_std: give both or neither (neither: from the manifest)")
+        if any(not 0 < v < float("inf") for v in self.input_std):
+            raise ConfigError(f"model.input_std: must be > 0 and finite, got {self.input_std}")
 
     def width_at(self, resolution: int) -> int:
         """Feature channels at ``resolution``."""

@@ -3,17 +3,21 @@ as a ready model (for pipeline-eval and pipeline-sample as much as for the train
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-from pathlib import Path
+import urllib.error
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import torch
+import webdataset as wds
 
 from pipeline.checkpoint import latest_checkpoint, load_checkpoint, load_ema
 from pipeline.config import Config, config_from_dict
 from pipeline.data.builtin import ensure_builtin_dataset
 from pipeline.data.loader import make_loader
-from pipeline.data.streams import StreamOptions
+from pipeline.data.shards import MANIFEST_NAME, pooled_pixel_statistics
+from pipeline.data.streams import StreamOptions, read_json
 from pipeline.model import VAE
 
 log = logging.getLogger(__name__)
@@ -30,6 +34,71 @@ def resolve_data_urls(cfg: Config) -> tuple[str | list[str], str | list[str]]:
         return data.train_urls, data.train_urls.partition("#")[0] + "#heldout"
     log.warning("no data.eval_urls: evaluating on the training shards")
     return data.train_urls, data.train_urls
+
+
+def resolve_input_statistics(cfg: Config, train_urls: str | list[str]) -> Config:
+    """The config with ``model.input_mean`` / ``model.input_std`` filled in for the encoder's
+    input standardisation; ``cfg`` itself when ``model.standardize_input`` is off or both are
+    set already (so a resumed run keeps the statistics saved with it).
+
+    They come from the ``pixel_stats`` of the manifest splits ``train_urls`` (as resolved by
+    ``resolve_data_urls``) read from: ``manifest.json#split`` names its split; a shard pattern
+    the split of the manifest beside the shards that lists them. Several splits are pooled by
+    pixel count. Without any (shards written before the shard writer stored them, ``pipe:``
+    URLs, no manifest) it warns and uses mean = std = 127.5 per channel, the plain [-1, 1]
+    scaling the model had before standardisation existed.
+    """
+    model = cfg.model
+    if not model.standardize_input or model.input_mean:
+        return cfg
+    splits = _training_manifest_splits(train_urls, StreamOptions.from_config(cfg.data))
+    with_stats = [entry["pixel_stats"] for entry in splits.values() if "pixel_stats" in entry]
+    without = [name for name, entry in splits.items() if "pixel_stats" not in entry]
+    if with_stats:
+        if without:
+            log.warning("no pixel statistics in %s: the input standardisation uses the other training splits'",
+                        ", ".join(without))  # fmt: skip
+        mean, std = pooled_pixel_statistics(with_stats, model.channels)
+        log.info("encoder input standardised with the training pixels' mean %s and std %s",
+                 [round(v, 2) for v in mean], [round(v, 2) for v in std])  # fmt: skip
+    else:
+        log.warning("no pixel statistics in the training shards' manifest (written before pipeline-shards "
+                    "stored them, or none found for %s): the encoder's input is scaled to [-1, 1] (mean = std = "
+                    "127.5); rewrite the shards or set model.input_mean and model.input_std", train_urls)  # fmt: skip
+        mean, std = [127.5] * model.channels, [127.5] * model.channels
+    return dataclasses.replace(cfg, model=dataclasses.replace(model, input_mean=mean, input_std=std))
+
+
+def _training_manifest_splits(train_urls: str | list[str], options: StreamOptions) -> dict[str, dict[str, Any]]:
+    """``{"<manifest url>#<split>": split entry}`` for every manifest split the URLs read."""
+    found: dict[str, dict[str, Any]] = {}
+    for spec in [train_urls] if isinstance(train_urls, str) else train_urls:
+        url, _, split = spec.partition("#")
+        if PurePosixPath(url).name == MANIFEST_NAME:
+            splits = (_read_manifest(url, options) or {}).get("splits", {})
+            # As the loader picks it: the named split, else "train", else the only one.
+            name = split or ("train" if "train" in splits else next(iter(splits)) if len(splits) == 1 else "")
+            if name in splits:
+                found[f"{url}#{name}"] = splits[name]
+            continue
+        shards_by_dir: dict[str, set[str]] = {}
+        for shard in wds.shardlists.expand_urls(spec):
+            if not shard.startswith("pipe:"):
+                head, _, name = shard.rpartition("/")
+                shards_by_dir.setdefault(head + "/" if head else "", set()).add(name)
+        for base, names in shards_by_dir.items():
+            splits = (_read_manifest(base + MANIFEST_NAME, options) or {}).get("splits", {})
+            for name, entry in splits.items():
+                if names & {s["name"] for s in entry["shards"]}:
+                    found[f"{base}{MANIFEST_NAME}#{name}"] = entry
+    return found
+
+
+def _read_manifest(url: str, options: StreamOptions) -> dict[str, Any] | None:
+    try:
+        return read_json(url, options)
+    except (OSError, urllib.error.URLError, ValueError):
+        return None  # the loader reports an unreadable manifest; here it only means no statistics
 
 
 def heldout_loader(cfg: Config, batch_size: int, urls: str | list[str] | None = None) -> torch.utils.data.DataLoader:

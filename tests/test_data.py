@@ -121,3 +121,30 @@ def test_epoch_iterator_resumes_where_it_stopped(builtin_urls, num_workers):
     resumed = iterator()
     resumed.load_state_dict(position)
     assert [next(resumed)["key"] for _ in range(30)] == expected[40:]
+
+
+def test_pixel_statistics_count_grayscale_images_as_rgb_in_a_colour_split(tmp_path):
+    """The loader turns a grayscale image into RGB when the dataset is colour, so the statistics
+    must count it once in each channel; a grayscale-only split has one channel."""
+    colour, gray = _random_samples(3, channels=3), _random_samples(2, channels=1, seed=1)
+    manifest = write_dataset(tmp_path / "mixed", {"train": iter(colour + gray)}, 2, {})
+    as_rgb = [image for _, image, _ in colour] + [np.repeat(image[..., None], 3, -1) for _, image, _ in gray]
+    stats = manifest["splits"]["train"]["pixel_stats"]
+    values = np.stack(as_rgb).reshape(-1, 3).astype(np.float64)
+    assert np.allclose(stats["mean"], values.mean(0), atol=1e-9)
+    assert np.allclose(stats["std"], values.std(0), atol=1e-9)
+    assert stats["pixels"] == 5 * 32 * 32
+
+    stats = write_dataset(tmp_path / "gray", {"train": iter(gray)}, 2, {})["splits"]["train"]["pixel_stats"]
+    values = np.stack([image for _, image, _ in gray]).astype(np.float64)
+    assert stats["mean"] == pytest.approx([values.mean()]) and stats["std"] == pytest.approx([values.std()])
+
+
+def test_builtin_manifest_holds_the_true_pixel_statistics_of_its_training_images(builtin_urls, data_cache):
+    manifest = read_manifest(next(data_cache.glob("builtin-photos-*")))
+    loader, _ = make_loader(builtin_urls[0], batch_size=512, train=False, channels=3)
+    values = torch.cat([batch["image"] for batch in loader]).permute(1, 0, 2, 3).reshape(3, -1).double()
+    stats = manifest["splits"]["train"]["pixel_stats"]
+    assert stats["pixels"] == values.shape[1]
+    assert np.allclose(stats["mean"], values.mean(1).numpy(), atol=1e-9)
+    assert np.allclose(stats["std"], values.std(1, unbiased=False).numpy(), atol=1e-9)

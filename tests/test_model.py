@@ -106,3 +106,64 @@ def test_vdvae_initialisation_scales_residuals_and_zeroes_the_prior_output():
     # So at initialisation the prior is N(0, 1) for every group: the first group's prior mean is 0.
     _, groups = model.top_down(None, 2)
     assert not groups[0].prior_mean.any() and not groups[0].prior_log_std.any()
+
+
+@pytest.mark.parametrize("likelihood", ["logistic_mixture", "discretized_logistic", "bernoulli"])
+def test_every_conv_bias_is_zero_at_construction(likelihood):
+    """PyTorch's default bias (uniform +-1/sqrt(fan_in)) would start each group's posterior at a
+    data-blind shift from its prior and put a constant into every residual stream (VDVAE zeroes
+    them all). Walks every module, so a conv added later without ``blocks.conv`` fails here."""
+    bits = ["model.data_bits=1"] if likelihood == "bernoulli" else []
+    cfg = load_config(None, TINY_MODEL + ["model.widths=16:24,8:16", f"model.likelihood={likelihood}", *bits]).model
+    model = VAE(cfg)
+    convs = {name: m for name, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)}
+    assert any(name.startswith("likelihood.") for name in convs)
+    assert any(name.startswith("bottom_up.projections.") for name in convs)  # the 32 -> 16 width change
+    assert any(name.startswith("top_down.merge_projections.") for name in convs)
+    assert {name: m.bias.abs().max().item() for name, m in convs.items() if m.bias.any()} == {}
+    assert all(m.weight.any() for name, m in convs.items() if not name.endswith("prior.convs.3"))
+
+
+def test_residual_branches_are_scaled_by_the_depth_of_their_pass():
+    """VDVAE: the last conv of each encoder block by 1/sqrt(encoder blocks), of each decoder cell
+    and each z projection by 1/sqrt(decoder blocks); the posterior head is not scaled.
+
+    Default init draws weights uniform in +-1/sqrt(fan_in) (kaiming_uniform, a=sqrt(5)), so a
+    layer scaled by s has every weight within s/sqrt(fan_in), and the largest of its 64 weights
+    lies above half that with probability 1 - 2**-64: the scale is pinned from both sides."""
+    model = VAE(load_config(None, TINY_MODEL + ["model.encoder_blocks=32x2,32d2,16x1,16d2,8x1,8d2,4x1"]).model)
+    encoder_scale, decoder_scale = 1 / 8**0.5, 1 / 7**0.5  # 8 encoder blocks, 7 decoder blocks
+
+    def scaled_by(layer: torch.nn.Conv2d, scale: float) -> bool:
+        bound = scale / layer.weight[0].numel() ** 0.5
+        return bound / 2 < layer.weight.abs().max().item() <= bound
+
+    assert all(scaled_by(block.convs[-1], encoder_scale) for block in model.bottom_up.blocks)
+    for block in model.top_down.blocks:
+        assert scaled_by(block.cell.convs[-1], decoder_scale)
+        assert scaled_by(block.z_proj, decoder_scale)
+        assert scaled_by(block.posterior.convs[-1], 1.0)
+
+
+def test_final_state_gets_a_learned_gain_and_bias_that_start_as_the_identity(tmp_path):
+    torch.manual_seed(0)
+    model = VAE(load_config(None, TINY_MODEL).model)
+    affine = model.top_down.output_gain_bias
+    assert affine.gain.shape == affine.bias.shape == (1, 16, 1, 1)
+    assert torch.equal(affine.gain, torch.ones_like(affine.gain)) and not affine.bias.any()
+
+    # A model saved before the gain and bias existed loads, with them at the identity.
+    old = {k: v for k, v in model.state_dict().items() if "output_gain_bias" not in k}
+    with torch.no_grad():
+        affine.gain.mul_(2.0)
+    model.load_state_dict(old)
+    assert torch.equal(affine.gain, torch.ones_like(affine.gain))
+    # ... and so does an encoder exported then.
+    encoder = Encoder.from_vae(model)
+    encoder.save_pretrained(tmp_path)
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(tmp_path / "encoder.safetensors")
+    save_file({k: v for k, v in weights.items() if "output_gain_bias" not in k}, tmp_path / "encoder.safetensors")
+    images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    assert all(torch.equal(a, b) for a, b in zip(Encoder.from_pretrained(tmp_path)(images), encoder(images)))

@@ -393,3 +393,25 @@ def test_bad_arguments_exit_2_naming_the_problem(tmp_path, arguments, message):
     last_line = result.stderr.strip().splitlines()[-1]
     assert message in last_line and "error" in last_line
     assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def true_statistics(images: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and std of decoded images, in float64, without the code under test."""
+    pixels = np.stack(images).astype(np.float64)
+    channels = pixels.reshape(-1, 1 if pixels.ndim == 3 else pixels.shape[-1])
+    return channels.mean(0), channels.std(0)
+
+
+def test_fashion_mnist_manifest_holds_the_true_pixel_mean_and_std_of_each_split(fashion, tmp_path):
+    """The statistics the encoder's input is standardised with are those of the images written
+    (decoded back from the shards here), per split, for 1 and 2 workers alike."""
+    out, manifest, args = fashion
+    for split, entry in manifest["splits"].items():
+        mean, std = true_statistics([pixels for _, pixels, _ in read_split(out, manifest, split)])
+        stats = entry["pixel_stats"]
+        assert stats["pixels"] == entry["samples"] * 28 * 28
+        assert np.allclose(stats["mean"], mean, rtol=0, atol=1e-9) and len(stats["mean"]) == 1
+        assert np.allclose(stats["std"], std, rtol=0, atol=1e-9) and len(stats["std"]) == 1
+    assert 50 < manifest["splits"]["train"]["pixel_stats"]["mean"][0] < 100  # Fashion-MNIST: ~73 (dark background)
+    parallel = run_ok(FASHION_IMAGES, tmp_path / "c", *args, "--workers", "2")
+    assert parallel["splits"] == manifest["splits"]

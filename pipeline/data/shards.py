@@ -113,21 +113,111 @@ class EncodeOptions:
     quality: int | None = None
 
 
+class ImageSums(NamedTuple):
+    """One image's per-channel pixel sums, the unit ``PixelStatistics`` adds up."""
+
+    sums: tuple[int, ...]  # per channel: sum of the values 0..255
+    squares: tuple[int, ...]  # per channel: sum of their squares
+    pixels: int  # per channel: H x W
+
+    @classmethod
+    def of(cls, image: np.ndarray) -> "ImageSums":
+        """``(H, W)``, ``(H, W, 1)`` or ``(H, W, 3)`` uint8 -> one or three channels' sums."""
+        values = image.reshape(image.shape[0] * image.shape[1], -1).astype(np.int64)
+        return cls(tuple(int(v) for v in values.sum(0)), tuple(int(v) for v in (values * values).sum(0)), len(values))
+
+
+@dataclass
+class PixelStatistics:
+    """Per-channel mean and std of the pixel values (0..255) of the images a split holds, for
+    the manifest: the model standardises its encoder's input with them (``model.input_mean``).
+
+    The sums are exact integers, so the figures do not depend on the order the images come in
+    (or on ``--workers``). A grayscale image counts for each of R, G and B when the split also
+    holds colour images, since the loader then turns it into RGB; a split of grayscale images
+    only has one channel. For ``--format jpg``/``webp`` these are the pixels before lossy
+    encoding (a decoded image differs by the compression error)."""
+
+    sums: list[int] = field(default_factory=lambda: [0, 0, 0])
+    squares: list[int] = field(default_factory=lambda: [0, 0, 0])
+    pixels: int = 0
+    images: int = 0
+    all_grayscale: bool = True
+
+    def add(self, image: ImageSums) -> None:
+        grayscale = len(image.sums) == 1
+        for c in range(3):
+            self.sums[c] += image.sums[0 if grayscale else c]
+            self.squares[c] += image.squares[0 if grayscale else c]
+        self.pixels += image.pixels
+        self.images += 1
+        self.all_grayscale &= grayscale
+
+    def summary(self) -> dict[str, Any]:
+        """``{"mean": [...], "std": [...], "pixels": N}``, one value per channel; N is the
+        number of pixels per channel, the weight when several splits are pooled."""
+        channels = 1 if self.all_grayscale else 3
+        n = self.pixels
+        # Var = (n * sum(x^2) - sum(x)^2) / n^2: computed on exact integers, then divided.
+        variances = [(n * self.squares[c] - self.sums[c] ** 2) / n**2 for c in range(channels)]
+        return {
+            "mean": [self.sums[c] / n for c in range(channels)],
+            "std": [max(v, 0.0) ** 0.5 for v in variances],
+            "pixels": n,
+        }
+
+
+# How PIL's convert("L") weighs R, G and B: what the loader does to colour images for a
+# grayscale model.
+LUMA_WEIGHTS = (0.299, 0.587, 0.114)
+
+
+def _as_channels(stats: dict[str, Any], channels: int) -> tuple[list[float], list[float]]:
+    """A split's (mean, std) for a model of ``channels`` channels, as the loader feeds it.
+
+    Grayscale read as RGB repeats the channel: exact. RGB read as grayscale takes the luma
+    mean (exact) and the same weighting of the channel stds, an upper bound of the luma's std
+    (the channels' covariances are not stored), which is close for natural images, whose
+    channels move together."""
+    mean, std = list(stats["mean"]), list(stats["std"])
+    if len(mean) == channels:
+        return mean, std
+    if channels == 3:
+        return mean * 3, std * 3
+    return [sum(w * m for w, m in zip(LUMA_WEIGHTS, mean))], [sum(w * d for w, d in zip(LUMA_WEIGHTS, std))]
+
+
+def pooled_pixel_statistics(splits: list[dict[str, Any]], channels: int) -> tuple[list[float], list[float]]:
+    """Per-channel (mean, std) over several splits' ``pixel_stats``, as if they were one set:
+    each weighted by its pixel count, through E[x] and E[x^2]."""
+    total = sum(s["pixels"] for s in splits)
+    first = [0.0] * channels
+    second = [0.0] * channels
+    for stats in splits:
+        weight = stats["pixels"] / total
+        for c, (m, d) in enumerate(zip(*_as_channels(stats, channels))):
+            first[c] += weight * m
+            second[c] += weight * (d * d + m * m)
+    return first, [max(e2 - m * m, 0.0) ** 0.5 for m, e2 in zip(first, second)]
+
+
 class EncodedSample(NamedTuple):
     key: str
     extension: str
     payload: bytes
     meta: dict[str, Any]
     shape: tuple[int, ...]  # of the image that was encoded: (H, W) or (H, W, 3)
+    sums: ImageSums  # of the same image, for the split's pixel statistics
 
 
 def encode_chunk(options: EncodeOptions, chunk: list[Sample]) -> list[EncodedSample]:
-    """Prepare and encode a list of samples (the unit of work of one worker task)."""
+    """Prepare and encode a list of samples (the unit of work of one worker task). The pixel
+    sums are taken here too, while the pixels are at hand, rather than decoding them again."""
     encoded = []
     for key, image, meta in chunk:
         pixels = prepare_image(image, options.resolution, options.channels)
         payload = encode_image(pixels, options.image_format, options.quality)
-        encoded.append(EncodedSample(key, options.image_format, payload, meta, pixels.shape))
+        encoded.append(EncodedSample(key, options.image_format, payload, meta, pixels.shape, ImageSums.of(pixels)))
     return encoded
 
 
@@ -206,6 +296,7 @@ class SplitWriter:
     image_format: str = "png"  # for images given to ``write`` as arrays
     quality: int | None = None
     shards: list[dict[str, Any]] = field(default_factory=list)
+    statistics: PixelStatistics = field(default_factory=PixelStatistics)
     _tar: tarfile.TarFile | None = None
     _count: int = 0
 
@@ -241,8 +332,11 @@ class SplitWriter:
         added = sum(_member_bytes(len(payload)) for _, payload in members)
         return _closed_tar_bytes(self._tar.offset + added) > self.bytes_per_shard
 
-    def write_encoded(self, key: str, extension: str, payload: bytes, meta: dict[str, Any]) -> None:
-        """Add one sample whose image is already encoded as ``extension`` (png, jpg, webp)."""
+    def write_encoded(
+        self, key: str, extension: str, payload: bytes, meta: dict[str, Any], sums: ImageSums | None = None
+    ) -> None:
+        """Add one sample whose image is already encoded as ``extension`` (png, jpg, webp);
+        ``sums`` (of its pixels) go into the split's pixel statistics."""
         if "." in key or "/" in key:
             raise ValueError(f"sample key {key!r} must not contain '.' or '/' (WebDataset splits on them)")
         members = [(f"{key}.{extension}", payload), (f"{key}.json", json.dumps(meta, sort_keys=True).encode())]
@@ -253,22 +347,29 @@ class SplitWriter:
         for name, data in members:
             _add_member(self._tar, name, data)
         self._count += 1
+        if sums is not None:
+            self.statistics.add(sums)
         if self._count == self.samples_per_shard:
             self._close_current()
 
     def write(self, key: str, image: np.ndarray, meta: dict[str, Any]) -> None:
         """Add one sample: ``image`` is ``(H, W)`` or ``(H, W, C)`` uint8."""
-        self.write_encoded(key, self.image_format, encode_image(image, self.image_format, self.quality), meta)
+        payload = encode_image(image, self.image_format, self.quality)
+        self.write_encoded(key, self.image_format, payload, meta, ImageSums.of(image))
 
     def close(self) -> dict[str, Any]:
-        """Finish the last shard; returns the split's manifest entry."""
+        """Finish the last shard; returns the split's manifest entry, with ``pixel_stats``
+        (see ``PixelStatistics.summary``) when every sample came with its pixel sums."""
         self._close_current()
         n = len(self.shards)
-        return {
+        entry = {
             "pattern": f"{self.stem}-{{{0:06d}..{max(n - 1, 0):06d}}}.tar",
             "samples": sum(s["samples"] for s in self.shards),
             "shards": self.shards,
         }
+        if entry["samples"] and self.statistics.images == entry["samples"]:
+            entry["pixel_stats"] = self.statistics.summary()
+        return entry
 
     def abort(self) -> None:
         """Drop the shard being written (after an error), so no temporary file is left behind."""
@@ -392,7 +493,7 @@ def write_shards(
             split = split_of(sample.key, heldout_fraction, seed)
             if split not in writers:
                 writers[split] = SplitWriter(out, split, samples_per_shard, bytes_per_shard, prefix)
-            writers[split].write_encoded(sample.key, sample.extension, sample.payload, sample.meta)
+            writers[split].write_encoded(sample.key, sample.extension, sample.payload, sample.meta, sample.sums)
             shapes.add(sample.shape)
         summaries = {split: writers[split].close() for split in SPLITS if split in writers}
     except BaseException:

@@ -85,6 +85,21 @@ def check_architecture(encoder: list[EncoderBlockSpec], decoder: list[DecoderBlo
             raise ValueError(f"decoder works at {block.resolution}px, which the encoder never reaches ({sorted(encoded)})")
 
 
+def conv(in_channels: int, out_channels: int, kernel: int = 1) -> nn.Conv2d:
+    """A same-size convolution whose bias starts at zero (VDVAE's get_conv).
+
+    PyTorch's default bias is uniform in +-1/sqrt(fan_in): a fixed, data-blind offset per
+    channel. In the heads it shifts every group's posterior away from its prior before training
+    starts (KL that training must purge, often past the point of collapse); in the residual
+    stream it is a constant that the 1/sqrt(depth) scaling of a block's weights does not touch.
+    Every conv of the model is made here so none keeps that offset.
+    """
+    layer = nn.Conv2d(in_channels, out_channels, kernel, padding=kernel // 2)
+    with torch.no_grad():
+        layer.bias.zero_()
+    return layer
+
+
 class ResidualBlock(nn.Module):
     """VDVAE's bottleneck cell: 1x1 in, two 3x3, 1x1 out, GELU before each conv.
 
@@ -109,18 +124,18 @@ class ResidualBlock(nn.Module):
         self.down_rate = down_rate
         self.convs = nn.ModuleList(
             [
-                nn.Conv2d(in_channels, hidden_channels, 1),
-                nn.Conv2d(hidden_channels, hidden_channels, kernel, padding=kernel // 2),
-                nn.Conv2d(hidden_channels, hidden_channels, kernel, padding=kernel // 2),
-                nn.Conv2d(hidden_channels, out_channels, 1),
+                conv(in_channels, hidden_channels, 1),
+                conv(hidden_channels, hidden_channels, kernel),
+                conv(hidden_channels, hidden_channels, kernel),
+                conv(hidden_channels, out_channels, 1),
             ]
         )
         last = self.convs[-1]
         with torch.no_grad():
             if zero_last:
-                # A zero prior output starts p(z) at N(0, 1) and adds nothing to the state.
+                # A zero prior output starts p(z) at N(0, 1) and adds nothing to the state
+                # (the bias is zero already, as in every conv).
                 last.weight.zero_()
-                last.bias.zero_()
             else:
                 # VDVAE: scale the last conv by 1/sqrt(depth) so the residual stream's variance
                 # does not grow with the number of blocks.
@@ -129,8 +144,8 @@ class ResidualBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (N, in, H, W) -> (N, out, H, W), or (N, out, H/rate, W/rate) when down-sampling."""
         h = x
-        for conv in self.convs:
-            h = conv(F.gelu(h))
+        for layer in self.convs:
+            h = layer(F.gelu(h))
         out = x + h if self.residual else h
         if self.down_rate:
             out = F.avg_pool2d(out, self.down_rate)

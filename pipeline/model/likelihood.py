@@ -22,6 +22,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from pipeline.model.blocks import conv
+
 MIN_LOG_SCALE = -7.0
 EDGE = 0.999  # x below -EDGE is the lowest value, above +EDGE the highest
 
@@ -94,7 +96,7 @@ class PerSubpixel(nn.Module):
     def __init__(self, width: int, channels: int, bits: int, family: str) -> None:
         super().__init__()
         self.channels, self.half_width, self.family = channels, 1.0 / (2**bits - 1), family
-        self.proj = nn.Conv2d(width, 2 * channels, 1)
+        self.proj = conv(width, 2 * channels, 1)
 
     def params(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         mean, log_scale = self.proj(features).float().chunk(2, dim=1)
@@ -126,7 +128,7 @@ class LogisticMixture(nn.Module):
         super().__init__()
         self.channels, self.mixtures, self.half_width = channels, mixtures, 1.0 / (2**bits - 1)
         coefficients = 3 if channels == 3 else 0
-        self.proj = nn.Conv2d(width, mixtures * (1 + 2 * channels + coefficients), 1)
+        self.proj = conv(width, mixtures * (1 + 2 * channels + coefficients), 1)
 
     def params(self, features: torch.Tensor):
         """logits (N, K, H, W); means, log_scales (N, C, K, H, W); coeffs (N, 3, K, H, W) or None."""
@@ -189,7 +191,7 @@ class Bernoulli(nn.Module):
 
     def __init__(self, width: int, channels: int) -> None:
         super().__init__()
-        self.proj = nn.Conv2d(width, channels, 1)
+        self.proj = conv(width, channels, 1)
 
     def nll(self, features: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         logits = self.proj(features).float()

@@ -19,7 +19,7 @@ from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
 from pipeline.config import ModelConfig
-from pipeline.model.blocks import DecoderBlockSpec, ResidualBlock, parse_decoder_blocks, parse_encoder_blocks
+from pipeline.model.blocks import DecoderBlockSpec, ResidualBlock, conv, parse_decoder_blocks, parse_encoder_blocks
 from pipeline.model.likelihood import make_likelihood, to_unit_range
 from pipeline.model.noise import standard_normal_like
 from pipeline.objective import gaussian_kl, negative_elbo, soft_clamp
@@ -37,6 +37,20 @@ def _hidden(width: int, cfg: ModelConfig) -> int:
     return max(1, int(width * cfg.bottleneck_ratio))
 
 
+def input_standardization(cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, shift), each (1, C, 1, 1), that turn the likelihood's target x in [-1, 1] into
+    the encoder's input (p - mean) / std, p = (x + 1) * 127.5 being the pixel value 0..255.
+
+    Working from x rather than from the uint8 pixels keeps one entry point for uint8 and float
+    images, and a ``data_bits`` < 8 model's encoder sees the values it models. Without
+    statistics (or with ``standardize_input`` off) it is the identity: mean = std = 127.5."""
+    channels = cfg.channels
+    use = cfg.standardize_input and cfg.input_mean
+    mean = torch.tensor(cfg.input_mean if use else [127.5] * channels, dtype=torch.float32)
+    std = torch.tensor(cfg.input_std if use else [127.5] * channels, dtype=torch.float32)
+    return (127.5 / std).view(1, channels, 1, 1), ((127.5 - mean) / std).view(1, channels, 1, 1)
+
+
 class BottomUp(nn.Module):
     """Image -> features per resolution: ``{32: (N, W32, 32, 32), 16: ..., 4: ...}``."""
 
@@ -44,7 +58,12 @@ class BottomUp(nn.Module):
         super().__init__()
         specs = parse_encoder_blocks(cfg.encoder_blocks, cfg.resolution)
         self.grad_checkpoint = cfg.grad_checkpoint
-        self.stem = nn.Conv2d(cfg.channels, cfg.width_at(cfg.resolution), 3, padding=1)
+        # Not saved in the state dict: the config holds the statistics (so checkpoints and
+        # exported encoders from before them still load); buffers follow the model's device.
+        scale, shift = input_standardization(cfg)
+        self.register_buffer("input_scale", scale, persistent=False)
+        self.register_buffer("input_shift", shift, persistent=False)
+        self.stem = conv(cfg.channels, cfg.width_at(cfg.resolution), 3)
         scale = 1.0 / math.sqrt(len(specs))
         blocks, projections = [], {}
         for i, s in enumerate(specs):
@@ -52,13 +71,13 @@ class BottomUp(nn.Module):
             blocks.append(ResidualBlock(w, _hidden(w, cfg), w, s.resolution, down_rate=s.down_rate, last_scale=scale))
             if s.down_rate and cfg.width_at(s.resolution // s.down_rate) != w:
                 # A new resolution with other channels: a 1x1 projection after the pooling.
-                projections[str(i)] = nn.Conv2d(w, cfg.width_at(s.resolution // s.down_rate), 1)
+                projections[str(i)] = conv(w, cfg.width_at(s.resolution // s.down_rate), 1)
         self.blocks = nn.ModuleList(blocks)
         self.projections = nn.ModuleDict(projections)
 
     def forward(self, x: torch.Tensor) -> dict[int, torch.Tensor]:
-        """x: (N, C, H, W) in [-1, 1]."""
-        h = self.stem(x)
+        """x: (N, C, H, W) in [-1, 1], the likelihood's target; standardised here."""
+        h = self.stem(x * self.input_scale + self.input_shift)
         features = {h.shape[-1]: h}
         for i, block in enumerate(self.blocks):
             h = _run(block, self.grad_checkpoint, h)
@@ -95,7 +114,7 @@ class TopDownBlock(nn.Module):
         self.posterior = ResidualBlock(2 * w, h, 2 * z, spec.resolution, residual=False)
         # The prior also emits an update of the state, so the state can carry what z_<i said.
         self.prior = ResidualBlock(w, h, 2 * z + w, spec.resolution, residual=False, zero_last=True)
-        self.z_proj = nn.Conv2d(z, w, 1)
+        self.z_proj = conv(z, w, 1)
         with torch.no_grad():
             self.z_proj.weight.mul_(scale)
         self.cell = ResidualBlock(w, h, w, spec.resolution, last_scale=scale)
@@ -127,6 +146,29 @@ class TopDownBlock(nn.Module):
         return state, out
 
 
+class GainBias(nn.Module):
+    """A learned per-channel gain and bias on the final top-down state, before the likelihood
+    (VDVAE's ``gain``/``bias`` in its decoder's ``final_fn``): it lets the likelihood head see
+    the state at the scale it needs without the residual cells growing to provide it. Starts
+    as the identity (gain 1, bias 0)."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.gain = nn.Parameter(torch.ones(1, width, 1, 1))
+        self.bias = nn.Parameter(torch.zeros(1, width, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gain + self.bias
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # Checkpoints and exported encoders from before this layer existed have neither
+        # tensor; they were trained with what is the identity here, so they load unchanged.
+        if prefix + "gain" not in state_dict and prefix + "bias" not in state_dict:
+            state_dict[prefix + "gain"] = torch.ones_like(self.gain)
+            state_dict[prefix + "bias"] = torch.zeros_like(self.bias)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
 class TopDown(nn.Module):
     """Runs the latent groups from the lowest resolution up to the image resolution."""
 
@@ -145,9 +187,10 @@ class TopDown(nn.Module):
         self.widths = {r: cfg.width_at(r) for r in resolutions}
         # Merging a lower resolution's state into one with other channels: a 1x1 projection.
         self.merge_projections = nn.ModuleDict(
-            {f"{s.merge_from}to{s.resolution}": nn.Conv2d(cfg.width_at(s.merge_from), cfg.width_at(s.resolution), 1)
+            {f"{s.merge_from}to{s.resolution}": conv(cfg.width_at(s.merge_from), cfg.width_at(s.resolution), 1)
              for s in specs if s.merge_from is not None and cfg.width_at(s.merge_from) != cfg.width_at(s.resolution)}
         )  # fmt: skip
+        self.output_gain_bias = GainBias(cfg.width_at(cfg.resolution))
 
     def forward(
         self,
@@ -156,7 +199,8 @@ class TopDown(nn.Module):
         temperature: float | list[float] = 1.0,
         use_mean: bool = False,
     ) -> tuple[torch.Tensor, list[GroupOutput]]:
-        """Returns the final (N, W, H, W) state and one GroupOutput per latent group.
+        """Returns the final (N, W, H, W) state (after the output gain and bias) and one
+        GroupOutput per latent group.
 
         ``temperature`` may be one number or one per group (used only when sampling the prior).
         """
@@ -180,7 +224,7 @@ class TopDown(nn.Module):
             state, group = _run(block, self.grad_checkpoint, state, block_features, t, use_mean)
             states[block.resolution] = state
             groups.append(group)
-        return states[self.resolution], groups
+        return self.output_gain_bias(states[self.resolution]), groups
 
 
 class VAE(nn.Module):
