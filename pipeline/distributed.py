@@ -197,7 +197,8 @@ def full_training_state(accelerator, model, optimizer) -> tuple[dict[str, torch.
     for name, param in module.named_parameters():
         weights[name] = safe_get_full_fp32_param(param).cpu()
         tensors[name] = {key: safe_get_full_optimizer_state(param, key).cpu() for key in ("exp_avg", "exp_avg_sq")}
-    weights |= {name: buffer.cpu() for name, buffer in module.named_buffers()}
+    saved = module.state_dict().keys()  # persistent buffers only, as a plain state_dict has
+    weights |= {name: buffer.cpu() for name, buffer in module.named_buffers() if name in saved}
     base = _base_optimizer(model)
     (group,) = base.param_groups  # the trainer builds one group; more would need a name map
     hyper = {k: v for k, v in group.items() if k != "params"}

@@ -45,7 +45,7 @@ from pipeline.images import sample_and_reconstruction_grid
 from pipeline.model import VAE
 from pipeline.model.noise import StepNoise
 from pipeline.objective import kl_warmup_weight
-from pipeline.runs import resolve_data_urls
+from pipeline.runs import resolve_data_urls, resolve_input_statistics
 from pipeline.tracking import Tracker
 from pipeline.updates import TrainingStalled, UpdateGuard
 
@@ -71,12 +71,14 @@ class Trainer:
         self.checkpoint_dir = self.run_dir / "checkpoints"
         self.is_main = accelerator.is_main_process
 
+        self.checkpoint = self._find_checkpoint()
+        train_urls, eval_urls = self._data_urls()
+        self.cfg = cfg = self._model_statistics(cfg, train_urls)
         # The same seed on every rank: identical initial weights, and identical generator states
         # from which each rank takes its slice of the step's latent noise (model/noise.py).
         set_seed(cfg.train.seed)
         model = VAE(cfg.model)
         names = [name for name, _ in model.named_parameters()]
-        self.checkpoint = self._find_checkpoint()
         resumed = load_checkpoint(self.checkpoint, names) if self.checkpoint else None
         if resumed:
             saved = config_from_dict(resumed[2]["config"])
@@ -101,9 +103,9 @@ class Trainer:
         self.noise = StepNoise(accelerator.process_index, accelerator.num_processes, cfg.train.grad_accum_steps,
                                accelerator.device)  # fmt: skip
         self.micro_batch = 0
+        self.side_model: VAE | None = None  # the model evaluation and exports use (_side_work)
         self.updates = UpdateGuard(accelerator, self.scheduler, cfg)
 
-        train_urls, eval_urls = self._data_urls()
         data = cfg.data
         options = StreamOptions.from_config(data)
         common = dict(
@@ -135,6 +137,17 @@ class Trainer:
         # The main process writes the embedded dataset's shards; the others wait, then read.
         with self.accelerator.main_process_first():
             return resolve_data_urls(self.cfg)
+
+    def _model_statistics(self, cfg: Config, train_urls: str | list[str]) -> Config:
+        """The encoder's input statistics: the checkpoint's when resuming (the shards may have
+        been rewritten since), else the training manifest's."""
+        model = cfg.model
+        if self.checkpoint and model.standardize_input and not (model.input_mean or model.input_std):
+            saved = json.loads((self.checkpoint / "state.json").read_text())["config"]["model"]
+            if saved.get("input_mean"):
+                model = dataclasses.replace(model, input_mean=saved["input_mean"], input_std=saved["input_std"])
+                cfg = dataclasses.replace(cfg, model=model)
+        return resolve_input_statistics(cfg, train_urls)
 
     def _find_checkpoint(self) -> Path | None:
         """The run directory's newest checkpoint, else ``checkpoint.resume_from``, else None."""
@@ -296,7 +309,7 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         """Held-out figures of the live weights (``eval/...``) and of their moving average
         (``eval_ema/...``), side by side: early on the average lags, later it is better."""
-        model = self.accelerator.unwrap_model(self.model)
+        model = self.side_model
         metrics = self._evaluate(model, "eval")
         with self.ema.applied(model):
             metrics |= self._evaluate(model, "eval_ema")
@@ -343,7 +356,7 @@ class Trainer:
     def log_images(self) -> None:
         if not self.is_main:
             return
-        model = self.accelerator.unwrap_model(self.model)
+        model = self.side_model
         model.eval()
         real = next(iter(self.eval_loader))["image"].to(self.accelerator.device)
         with self.ema.applied(model):
@@ -386,26 +399,36 @@ class Trainer:
 
     @contextmanager
     def _side_work(self) -> Iterator[None]:
-        """Evaluation, images and reports: with the full weights in hand (gathered under ZeRO-3;
-        rank 0's copy is what goes back) and their own random numbers, so that how often one
-        evaluates never changes the noise, hence the weights, of training."""
+        """Evaluation, images and reports: on a model with the full weights (``self.side_model``)
+        and with their own random numbers, so that how often one evaluates never changes the
+        noise, hence the weights, of training.
+
+        Under ZeRO-3 every process holds a slice of each weight and the engine's hooks gather
+        them in every forward pass, a collective that the main process's image grids and report
+        (run on it alone) would hang in. There, the weights are gathered once into a plain copy.
+        """
         devices = [self.accelerator.device] if self.accelerator.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
+            module = self.accelerator.unwrap_model(self.model)
             if zero_stage(self.model) == 3:
                 import deepspeed
 
-                params = list(self.accelerator.unwrap_model(self.model).parameters())
-                with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
-                    yield
-            else:
+                with deepspeed.zero.GatheredParameters(list(module.parameters())):
+                    full = {k: v.detach().clone() for k, v in module.state_dict().items()}
+                module = VAE(self.cfg.model).to(self.accelerator.device)
+                module.load_state_dict(full)
+            self.side_model = module
+            try:
                 yield
+            finally:
+                self.side_model = None
 
     def write_eval_report(self) -> None:
         """The final report (EMA weights, importance-weighted bound, the four VAE problems) and its
         figure, under <run_dir>/eval/final and in MLflow."""
         if not self.is_main:
             return
-        model = self.accelerator.unwrap_model(self.model)
+        model = self.side_model
         with self.ema.applied(model):
             report = evaluate(model, self.eval_loader, iw_samples=self.cfg.train.final_iw_samples,
                               max_images=self.cfg.train.eval_batches * self.cfg.data.batch_size,
@@ -422,7 +445,7 @@ class Trainer:
         if not self.is_main:
             return
         directory = self.run_dir / "encoder"
-        model = self.accelerator.unwrap_model(self.model)
+        model = self.side_model
         with self.ema.applied(model):  # the averaged weights are the better encoder
             Encoder.from_vae(model).save_pretrained(directory)
         self.tracker.log_artifact(directory, "encoder")

@@ -37,7 +37,13 @@ class UpdateGuard:
     def step(self, model: torch.nn.Module, optimizer) -> tuple[torch.Tensor, str]:
         """DDP or one process, after the last micro-batch's backward: clip, then decide."""
         scaler = self.accelerator.scaler
-        grad_norm = self.accelerator.clip_grad_norm_(model.parameters(), self.grad_clip)  # unscales under fp16
+        if scaler is not None:
+            # Unscaled here rather than inside Accelerate's clip_grad_norm_, which does it only
+            # for its own fp16 mode: the scaler, wherever it came from, must see these gradients.
+            scaler.unscale_(optimizer.optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), self.grad_clip)
+        else:
+            grad_norm = self.accelerator.clip_grad_norm_(model.parameters(), self.grad_clip)
         finite = bool(torch.isfinite(grad_norm))
         if scaler is not None and not finite:
             optimizer.step()  # the scaler sees the inf, drops the update and lowers its scale

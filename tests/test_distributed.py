@@ -118,7 +118,7 @@ def test_deepspeed_zero2_on_two_processes_matches_ddp(ddp, zero2):
 
 def test_deepspeed_zero3_on_two_processes_matches_ddp(ddp, launch, tmp_path_factory, shards):
     zero3 = _train(launch, tmp_path_factory, "zero3", shards, "data.batch_size=4", accelerate_config="cpu_zero3",
-                   num_processes=2)  # fmt: skip
+                   num_processes=2, timeout=300)  # fmt: skip
     assert _state(zero3)["strategy"] == "deepspeed-zero3"
     assert _losses(zero3) == pytest.approx(_losses(ddp), abs=1e-4)
     _assert_close(_weights(ddp), _weights(zero3), atol=1e-4)

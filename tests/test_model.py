@@ -28,7 +28,7 @@ def test_forward_returns_the_loss_and_its_parts(vae):
 
 def test_features_exist_at_every_resolution(vae):
     features = vae.bottom_up(torch.zeros(2, 3, 32, 32))
-    assert {r: tuple(f.shape) for r, f in features.items()} == {r: (2, 16, r, r) for r in (32, 16, 8, 4)}
+    assert {int(r): tuple(f.shape) for r, f in features.items()} == {r: (2, 16, r, r) for r in (32, 16, 8, 4)}
 
 
 def test_samples_and_reconstructions_are_images(vae):
@@ -77,7 +77,7 @@ def test_widths_per_resolution():
     torch.manual_seed(0)
     model = VAE(cfg)
     features = model.bottom_up(torch.zeros(2, 3, 32, 32))
-    assert {r: f.shape[1] for r, f in features.items()} == {32: 8, 16: 24, 8: 16, 4: 16}
+    assert {int(r): f.shape[1] for r, f in features.items()} == {32: 8, 16: 24, 8: 16, 4: 16}
     out = model(torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8))
     out["loss"].backward()
     assert torch.isfinite(out["loss"]) and model.sample(2).shape == (2, 3, 32, 32)

@@ -52,7 +52,8 @@ def input_standardization(cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]
 
 
 class BottomUp(nn.Module):
-    """Image -> features per resolution: ``{32: (N, W32, 32, 32), 16: ..., 4: ...}``."""
+    """Image -> features per resolution: ``{"32": (N, W32, 32, 32), "16": ..., "4": ...}`` (string
+    keys: DeepSpeed's ZeRO-3 hooks walk module outputs and expect a dict's keys to be names)."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -75,15 +76,15 @@ class BottomUp(nn.Module):
         self.blocks = nn.ModuleList(blocks)
         self.projections = nn.ModuleDict(projections)
 
-    def forward(self, x: torch.Tensor) -> dict[int, torch.Tensor]:
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """x: (N, C, H, W) in [-1, 1], the likelihood's target; standardised here."""
         h = self.stem(x * self.input_scale + self.input_shift)
-        features = {h.shape[-1]: h}
+        features = {str(h.shape[-1]): h}
         for i, block in enumerate(self.blocks):
             h = _run(block, self.grad_checkpoint, h)
             if str(i) in self.projections:
                 h = self.projections[str(i)](h)
-            features[h.shape[-1]] = h  # the last block at each resolution wins
+            features[str(h.shape[-1])] = h  # the last block at each resolution wins
         return features
 
 
@@ -194,7 +195,7 @@ class TopDown(nn.Module):
 
     def forward(
         self,
-        features: dict[int, torch.Tensor] | None,
+        features: dict[str, torch.Tensor] | None,
         batch_size: int,
         temperature: float | list[float] = 1.0,
         use_mean: bool = False,
@@ -220,7 +221,7 @@ class TopDown(nn.Module):
                 if key in self.merge_projections:
                     low = self.merge_projections[key](low)
                 state = state + F.interpolate(low, scale_factor=block.resolution // block.merge_from, mode="nearest")
-            block_features = None if features is None else features[block.resolution]
+            block_features = None if features is None else features[str(block.resolution)]
             state, group = _run(block, self.grad_checkpoint, state, block_features, t, use_mean)
             states[block.resolution] = state
             groups.append(group)
