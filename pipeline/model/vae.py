@@ -132,18 +132,22 @@ class TopDownBlock(nn.Module):
         prior_mean, prior_log_std, state_update = self.prior(state).split(
             [self.latent_channels, self.latent_channels, state.shape[1]], dim=1
         )
-        prior_log_std = soft_clamp(prior_log_std, self.log_std_clamp)
+        # The distributions in float32 under any precision: exp() of a bf16 log-std and a KL
+        # summed over thousands of units are where low precision would bite.
+        prior_mean = prior_mean.float()
+        prior_log_std = soft_clamp(prior_log_std.float(), self.log_std_clamp)
         if features is None:
             z = prior_mean if use_mean else prior_mean + temperature * torch.exp(prior_log_std) * standard_normal_like(prior_mean)
             out = GroupOutput(z, None, None, None, prior_mean, prior_log_std)
         else:
-            post_mean, post_log_std = self.posterior(torch.cat([state, features], dim=1)).chunk(2, dim=1)
+            post_mean, post_log_std = self.posterior(torch.cat([state, features], dim=1)).float().chunk(2, dim=1)
             post_log_std = soft_clamp(post_log_std, self.log_std_clamp)
             z = post_mean if use_mean else post_mean + torch.exp(post_log_std) * standard_normal_like(post_mean)
-            kl = gaussian_kl(post_mean.float(), post_log_std.float(), prior_mean.float(), prior_log_std.float())
+            kl = gaussian_kl(post_mean, post_log_std, prior_mean, prior_log_std)
             out = GroupOutput(z, kl.flatten(1).sum(1), post_mean, post_log_std, prior_mean, prior_log_std)
         state = state + state_update
-        state = self.cell(state + self.z_proj(z))
+        # Back to the weights' dtype: DeepSpeed's bf16 / fp16 casts the weights, not the inputs.
+        state = self.cell(state + self.z_proj(z.to(self.z_proj.weight.dtype)))
         return state, out
 
 
