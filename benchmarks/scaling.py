@@ -56,7 +56,9 @@ def run(config: str, processes: int, threads: int, steps: int, global_batch: int
         "train.final_iw_samples=0", "train.eval_batches=1", *data,
     ]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "OMP_NUM_THREADS")}
-    subprocess.run(command, check=True, cwd=REPO, env=env, capture_output=True)
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise SystemExit(f"{' '.join(command)}\nfailed:\n{result.stderr[-4000:]}")
     from mlflow import MlflowClient
 
     run_id = json.loads((run_dir / "summary.json").read_text())["mlflow_run_id"]

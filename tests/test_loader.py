@@ -68,6 +68,19 @@ def test_epoch_mode_two_ranks_two_workers_every_sample_exactly_once(dataset_dir,
         assert all(0 < len(b) <= 8 for batches in per_rank for b in batches)
 
 
+def test_a_small_heldout_split_is_shared_evenly_by_every_rank_and_worker(dataset_dir):
+    """20 held-out samples in shards of 8: three ranks x two workers each read an equal run of
+    them (shards cut where needed), every sample exactly once. Dealt as whole shards, a rank
+    would get none, and the equal-batches rule of training would refuse to start."""
+    urls = f"{dataset_dir}/manifest.json#heldout"
+    per_rank = []
+    for rank in range(3):
+        loader, _ = make_loader(urls, batch_size=4, train=False, num_workers=2, rank=rank, world_size=3)
+        per_rank.append([key for batch in loader for key in batch["key"]])
+    assert sorted(k for keys in per_rank for k in keys) == sorted(f"s{i:04d}" for i in range(20))
+    assert sorted(len(keys) for keys in per_rank) == [6, 7, 7]
+
+
 def test_shard_order_and_samples_are_reshuffled_every_epoch(dataset_dir):
     iterator = rank_iterator(f"{dataset_dir}/manifest.json#train", rank=0, world_size=1)
     first, second = one_epoch(iterator), one_epoch(iterator)

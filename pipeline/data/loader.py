@@ -173,6 +173,15 @@ class ShardDataset(IterableDataset):
 
     def plans(self, epoch: int, order_for: tuple[int, ...] = ()) -> list[WorkerPlan]:
         continued = epoch == self.epoch and bool(self.earlier)
+        if not self.train and self.world_size * max(1, self.num_workers) > 1:
+            # Evaluation: every rank and worker an equal run of the held-out samples, shards cut
+            # where needed. Dealing whole shards would leave a rank without data (or failing the
+            # equal-batches rule) on a held-out split of one or two shards.
+            return epoch_plan(
+                self.shards, epoch=epoch, seed=self.seed, rank=self.rank, world_size=self.world_size,
+                num_workers=self.num_workers, batch_size=self.batch_size, shuffle=False, shuffle_buffer=1,
+                hflip=False, order_for=order_for, remaining=np.ones(sum(s.samples or 0 for s in self.shards), bool),
+            )  # fmt: skip
         return epoch_plan(
             self.shards, epoch=epoch, seed=self.seed, rank=self.rank, world_size=self.world_size,
             num_workers=self.num_workers, batch_size=self.batch_size, shuffle=self.train,
