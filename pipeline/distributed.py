@@ -223,13 +223,16 @@ def load_optimizer_state(accelerator, model, optimizer, portable) -> None:
         return
     from deepspeed.utils import safe_set_full_optimizer_state
 
-    base = _base_optimizer(model)
+    base, zero = _base_optimizer(model), model.optimizer
     # Adam's moments exist only after a first step; create them (zeros) so they can be set.
-    for group in base.param_groups:
-        for flat in group["params"]:
-            base.state.setdefault(flat, {"exp_avg": torch.zeros_like(flat), "exp_avg_sq": torch.zeros_like(flat)})
-            base.state[flat]["step"] = torch.tensor(float(portable.step))
-    zero = model.optimizer
+    # (ZeRO-3 keys them by its flat float32 partitions, ZeRO-1/2 by the groups' parameters.)
+    flats = getattr(zero, "fp32_partitioned_groups_flat", None) or [p for g in base.param_groups for p in g["params"]]
+    for flat in flats:
+        state = base.state[flat]
+        for key in ("exp_avg", "exp_avg_sq"):
+            if key not in state:
+                state[key] = torch.zeros_like(flat)
+        state["step"] = torch.tensor(float(portable.step))
     if hasattr(zero, "_lazy_init_hp_params_optimizer_state"):  # ZeRO-1/2: link moments to parameters
         zero._hp_optimizer_states_linked = False
         zero._lazy_init_hp_params_optimizer_state()

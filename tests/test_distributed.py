@@ -137,7 +137,7 @@ def _assert_same_checkpoint(a, b):
     assert state_a["scheduler"] == state_b["scheduler"] and state_a["step"] == state_b["step"]
 
 
-def test_a_zero2_checkpoint_of_two_processes_resumes_in_one_ddp_process_and_back(zero2, ddp, launch, tmp_path_factory,
+def test_checkpoints_move_between_strategies_and_process_counts(zero2, ddp, launch, tmp_path_factory,
                                                                                   shards):  # fmt: skip
     saved = zero2 / "checkpoints" / f"step_{STEPS:06d}"
     # ZeRO-2 (2 processes) -> plain DDP (1 process): loaded and written again, nothing changes.
@@ -148,6 +148,10 @@ def test_a_zero2_checkpoint_of_two_processes_resumes_in_one_ddp_process_and_back
     again = _train(launch, tmp_path_factory, "from-ddp", shards, "data.batch_size=4", f"checkpoint.resume_from={saved}",
                    accelerate_config="cpu_zero2", num_processes=2)  # fmt: skip
     _assert_same_checkpoint(saved, again / "checkpoints" / f"step_{STEPS:06d}")
+    # And into ZeRO-3, where the weights themselves are partitioned.
+    third = _train(launch, tmp_path_factory, "from-ddp-3", shards, "data.batch_size=4", f"checkpoint.resume_from={saved}",
+                   accelerate_config="cpu_zero3", num_processes=2, timeout=300)  # fmt: skip
+    _assert_same_checkpoint(saved, third / "checkpoints" / f"step_{STEPS:06d}")
     # And training goes on from a 2-process ZeRO-2 checkpoint in 1 process, data epoch continued.
     on = _train(launch, tmp_path_factory, "onwards", shards, "data.batch_size=8", "train.steps=5",
                 f"checkpoint.resume_from={zero2 / 'checkpoints' / 'step_000002'}")  # fmt: skip
