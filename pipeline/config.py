@@ -261,6 +261,9 @@ class TrainConfig:
     diagnostics: bool = True
     """At each evaluation, also measure active units, collapsed groups, the aggregate posterior's
     KL to the prior and the variance ratios (EMA weights, main process)."""
+    collapse_warning_share: float = 0.5
+    """Warn (log and an MLflow tag ``collapse_warning``) when, at an evaluation, more than this
+    share of the latent groups has collapsed (no active unit; needs ``diagnostics``)."""
     final_iw_samples: int = 8
     """K of the importance-weighted bound in the report written at the end of training."""
     image_every: int = 500
@@ -269,6 +272,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _check_positive(self, "steps", "grad_accum_steps", "log_every", "eval_every", "image_every", "collective_timeout")
         _check_non_negative(self, "eval_batches", "final_iw_samples")
+        if not 0 <= self.collapse_warning_share <= 1:
+            raise ConfigError(f"train.collapse_warning_share: must be in [0, 1], got {self.collapse_warning_share}")
 
 
 @dataclass
@@ -356,6 +361,8 @@ def _coerce(path: str, value: Any, annotation: Any) -> Any:
         return [_coerce(f"{path}[{i}]", v, item) for i, v in enumerate(value)]
     if typing.get_origin(annotation) is Literal:
         choices = typing.get_args(annotation)
+        if value is False and "no" in choices:
+            value = "no"  # YAML 1.1 reads a bare `no` (train.mixed_precision=no) as false
         if value not in choices:
             raise ConfigError(f"{path}: got {value!r}, allowed values: {', '.join(map(repr, choices))}")
         return value

@@ -320,12 +320,25 @@ class Trainer:
                 diagnostics = {k: v for k, v in flat_metrics(report, "eval_ema").items() if k not in metrics}
                 self.tracker.log_metrics(diagnostics, self.step)
                 metrics |= diagnostics
+                self._watch_collapse(report["collapsed_groups"], model.num_groups)
             model.train()
         if self.is_main:
             tqdm.write(f"step {self.step}: held-out {metrics['eval/loss']:.4f} bits/dim "
                        f"(reconstruction {metrics['eval/recon_bpd']:.4f} + KL {metrics['eval/kl_bpd']:.4f}); "
                        f"EMA weights {metrics['eval_ema/loss']:.4f}")
         return metrics
+
+    def _watch_collapse(self, collapsed: list[int], groups: int) -> None:
+        """Posterior collapse is watched, not only reported: past ``train.collapse_warning_share``
+        of the latent groups without an active unit, the log and the MLflow run say so."""
+        share = len(collapsed) / groups
+        if share <= self.cfg.train.collapse_warning_share:
+            return
+        message = (f"step {self.step}: {len(collapsed)} of {groups} latent groups collapsed (no active unit): "
+                   f"{collapsed}; more than train.collapse_warning_share={self.cfg.train.collapse_warning_share}. "
+                   "Consider objective.kl_warmup_steps or objective.free_bits, or fewer groups")  # fmt: skip
+        log.warning(message)
+        self.tracker.set_tags({"collapse_warning": message})
 
     @torch.no_grad()
     def _evaluate(self, model: VAE, prefix: str) -> dict[str, float]:

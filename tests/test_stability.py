@@ -96,3 +96,22 @@ def test_skipping_every_update_stops_with_a_clear_message(tmp_path, launch):
     assert result.returncode != 0
     assert "training stalled: the last 3 updates were all skipped" in result.stderr
     assert "objective.skip_threshold" in result.stderr
+
+
+def test_a_collapse_past_the_configured_share_warns_in_the_log_and_in_mlflow(tmp_path, caplog):
+    from mlflow import MlflowClient
+
+    from pipeline.tracking import Tracker
+    from pipeline.trainer import Trainer
+
+    trainer = Trainer.__new__(Trainer)  # only what the collapse watch reads
+    trainer.cfg, trainer.step = load_config(None, ["train.collapse_warning_share=0.25"]), 40
+    trainer.tracker = Tracker(active=True, tracking_uri=f"sqlite:///{tmp_path / 'm.db'}", experiment="collapse",
+                              run_name="r", run_dir=tmp_path)  # fmt: skip
+    trainer._watch_collapse([3], groups=4)  # 1 of 4: at the share, no warning
+    assert "collapse" not in caplog.text
+    trainer._watch_collapse([0, 2, 3], groups=4)
+    trainer.tracker.close("FINISHED")
+    assert "step 40: 3 of 4 latent groups collapsed" in caplog.text
+    tags = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'm.db'}").get_run(trainer.tracker.run_id).data.tags
+    assert tags["collapse_warning"].startswith("step 40: 3 of 4 latent groups collapsed (no active unit): [0, 2, 3]")

@@ -1,0 +1,216 @@
+"""Held-out bits/dim against wall-clock time and images seen, for several variants in one run.
+
+    python benchmarks/convergence.py [--budget 180] [--configs fashion_mnist_28,quickstart]
+        [--variants old-init,new-init,new-init-no-warmup] [--out benchmarks/results]
+
+Each variant trains a config's model for ``--budget`` seconds of training (evaluations not
+counted) on this machine, one variant at a time, and evaluates the live weights on a fixed
+held-out set every ``--eval-every`` seconds. At the end it writes the four VAE problems as
+numbers (pipeline.evaluate: active units, collapsed groups, aggregate-posterior KL, variance
+ratios), a table on stdout, ``convergence.json`` and ``convergence.png`` (bits/dim against
+seconds and against images, one panel per config).
+
+Variants:
+  new-init            the model as built today (zero conv biases, standardised input) and the
+                      config's objective;
+  old-init            PyTorch's default random conv biases and the [-1, 1] input: the
+                      initialisation before the VDVAE parity change;
+  new-init-no-warmup  new-init with objective.kl_warmup_steps=0;
+  new-init-free-bits  new-init with objective.free_bits=4 (per group, bits per image).
+
+The loop is the trainer's step (AdamW, the learning-rate schedule, clipping, update skipping,
+KL warm-up, free bits) without checkpoints, EMA or tracking, so that only the variants differ.
+Fashion-MNIST comes from ../shared/data (or Debian's dataset-fashion-mnist); the quickstart
+config trains on the embedded dataset.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from pipeline.config import Config, load_config  # noqa: E402  (the repository, not an installed copy)
+from pipeline.data.builtin import ensure_builtin_dataset  # noqa: E402
+from pipeline.data.loader import EpochIterator, make_loader  # noqa: E402
+from pipeline.evaluate import evaluate  # noqa: E402
+from pipeline.model import VAE  # noqa: E402
+from pipeline.objective import kl_warmup_weight  # noqa: E402
+from pipeline.runs import resolve_input_statistics  # noqa: E402
+from pipeline.trainer import lr_factor  # noqa: E402
+
+FASHION_MNIST = next(
+    (p for p in (REPO.parent / "shared" / "data" / "fashion-mnist", Path("/usr/share/datasets/fashion-mnist"))
+     if (p / "train-images-idx3-ubyte.gz").exists()),
+    None,
+)  # fmt: skip
+VARIANTS = {
+    "new-init": [],
+    "old-init": ["model.standardize_input=false"],
+    "new-init-no-warmup": ["objective.kl_warmup_steps=0"],
+    "new-init-free-bits": ["objective.free_bits=4"],
+}
+
+
+def data_urls(config: str, directory: Path) -> tuple[str, str]:
+    if not config.startswith("fashion_mnist"):
+        return ensure_builtin_dataset(directory / "builtin")
+    if FASHION_MNIST is None:
+        raise SystemExit("Fashion-MNIST not found in ../shared/data or /usr/share/datasets (dataset-fashion-mnist)")
+    out = directory / "fmnist"
+    if not (out / "manifest.json").exists():
+        subprocess.run([sys.executable, "-m", "pipeline.data.shards", str(FASHION_MNIST / "train-images-idx3-ubyte.gz"),
+                        str(out), "--samples-per-shard", "2000", "--limit", "21000", "--heldout-fraction", "0.05",
+                        "--name", "fmnist", "--workers", "2"], check=True, cwd=REPO, capture_output=True)  # fmt: skip
+    return f"{out}/manifest.json#train", f"{out}/manifest.json#heldout"
+
+
+def pytorch_default_biases(model: nn.Module) -> None:
+    """What every conv bias was before the parity change: uniform +-1/sqrt(fan_in)."""
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for conv in (m for m in model.modules() if isinstance(m, nn.Conv2d) and m.bias is not None):
+            bound = 1 / math.sqrt(conv.weight[0].numel())
+            conv.bias.copy_((torch.rand(conv.bias.shape, generator=generator) * 2 - 1) * bound)
+
+
+@torch.no_grad()
+def heldout_bpd(model: VAE, batches: list[torch.Tensor]) -> dict[str, float]:
+    model.eval()
+    totals = torch.zeros(3)
+    for images in batches:
+        out = model(images)
+        totals += torch.tensor([len(images), out["recon_bpd"].item() * len(images), out["kl_bpd"].item() * len(images)])
+    model.train()
+    recon, kl = (totals[1] / totals[0]).item(), (totals[2] / totals[0]).item()
+    return {"bpd": recon + kl, "recon_bpd": recon, "kl_bpd": kl}
+
+
+def train_variant(cfg: Config, train_urls: str, heldout: list[torch.Tensor], budget: float, eval_every: float,
+                  old_init: bool) -> dict:  # fmt: skip
+    torch.manual_seed(cfg.train.seed)
+    model = VAE(cfg.model)
+    if old_init:
+        pytorch_default_biases(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2),
+                                  weight_decay=cfg.optim.weight_decay)  # fmt: skip
+    # The schedule's horizon: the steps the budget allows at the measured speed is unknown in
+    # advance, so the cosine runs over the config's train.steps as in a real run.
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(cfg, step))
+    batches = EpochIterator(*make_loader(train_urls, batch_size=cfg.data.batch_size, train=True, num_workers=1,
+                                         channels=cfg.model.channels, shuffle_buffer=cfg.data.shuffle_buffer))  # fmt: skip
+    curve = [{"seconds": 0.0, "images": 0, "step": 0, **heldout_bpd(model, heldout)}]
+    trained, step, images, skipped = 0.0, 0, 0, 0
+    next_eval = eval_every
+    while trained < budget:
+        start = time.perf_counter()
+        batch = next(batches)["image"]
+        out = model(batch, kl_weight=kl_warmup_weight(step, cfg.objective.kl_warmup_steps),
+                    free_bits=cfg.objective.free_bits)  # fmt: skip
+        out["loss"].backward()
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+        if torch.isfinite(norm) and not 0 < cfg.objective.skip_threshold < norm.item():
+            optimizer.step()
+            scheduler.step()
+        else:
+            skipped += 1
+        optimizer.zero_grad(set_to_none=True)
+        trained += time.perf_counter() - start
+        step, images = step + 1, images + len(batch)
+        if trained >= next_eval or trained >= budget:
+            curve.append({"seconds": round(trained, 1), "images": images, "step": step, **heldout_bpd(model, heldout)})
+            next_eval += eval_every
+    batches.close()
+    report = evaluate(model, ({"image": b} for b in heldout), device="cpu")
+    four = {
+        "active_units": sum(g["active_units"] for g in report["groups"]),
+        "units": sum(g["units"] for g in report["groups"]),
+        "collapsed_groups": len(report["collapsed_groups"]),
+        "groups": len(report["groups"]),
+        "aggregate_posterior_kl_group0": report["aggregate_posterior_kl"][0]["kl_nats"],
+        "variance_ratio_samples": report["variance_ratio_samples"],
+        "variance_ratio_reconstructions": report["variance_ratio_reconstructions"],
+        "psnr_db": report["psnr_db"],
+    }
+    return {"curve": curve, "final": curve[-1], "skipped": skipped, "four_problems": four}
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    configs = list(results)
+    fig, axes = plt.subplots(len(configs), 2, figsize=(11, 4 * len(configs)), squeeze=False)
+    for row, config in enumerate(configs):
+        for variant, result in results[config].items():
+            curve = result["curve"][1:]  # step 0 is off the scale of the rest
+            for col, x in enumerate(("seconds", "images")):
+                axes[row][col].plot([p[x] for p in curve], [p["bpd"] for p in curve], marker=".", label=variant)
+                axes[row][col].set_xlabel(f"training {x}")
+                axes[row][col].set_ylabel("held-out bits/dim")
+                axes[row][col].set_title(config)
+                axes[row][col].grid(alpha=0.3)
+        axes[row][0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--budget", type=float, default=180.0, help="training seconds per variant")
+    parser.add_argument("--eval-every", type=float, default=20.0, help="training seconds between evaluations")
+    parser.add_argument("--configs", default="fashion_mnist_28,quickstart")
+    parser.add_argument("--variants", default="old-init,new-init,new-init-no-warmup")
+    parser.add_argument("--heldout-images", type=int, default=512)
+    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for config in args.configs.split(","):
+            train_urls, eval_urls = data_urls(config, Path(tmp))
+            base = load_config(REPO / "configs" / f"{config}.yaml")
+            loader, _ = make_loader(eval_urls, batch_size=128, train=False, channels=base.model.channels)
+            heldout, count = [], 0
+            for batch in loader:
+                heldout.append(batch["image"][: args.heldout_images - count])
+                count += len(heldout[-1])
+                if count >= args.heldout_images:
+                    break
+            results[config] = {}
+            for variant in args.variants.split(","):
+                cfg = load_config(REPO / "configs" / f"{config}.yaml", VARIANTS[variant])
+                cfg = resolve_input_statistics(cfg, train_urls)
+                result = train_variant(cfg, train_urls, heldout, args.budget, args.eval_every, variant == "old-init")
+                result["config"] = dataclasses.asdict(cfg.objective)
+                results[config][variant] = result
+                f, four = result["final"], result["four_problems"]
+                print(f"{config:<17} {variant:<20} step0 {result['curve'][0]['bpd']:.3f} (KL {result['curve'][0]['kl_bpd']:.3f})"
+                      f" -> {f['bpd']:.3f} bpd (recon {f['recon_bpd']:.3f} + KL {f['kl_bpd']:.3f}) after {f['step']} steps,"
+                      f" {f['images']} images, {f['seconds']:.0f} s; collapsed {four['collapsed_groups']}/{four['groups']},"
+                      f" active {four['active_units']}/{four['units']}, agg-KL {four['aggregate_posterior_kl_group0']:.1f},"
+                      f" var-ratio {four['variance_ratio_samples']:.2f}/{four['variance_ratio_reconstructions']:.2f},"
+                      f" PSNR {four['psnr_db']:.2f}", flush=True)  # fmt: skip
+    (out / "convergence.json").write_text(json.dumps(results, indent=1) + "\n")
+    plot(results, out / "convergence.png")
+    print(f"wrote {out / 'convergence.json'} and {out / 'convergence.png'}")
+
+
+if __name__ == "__main__":
+    main()
