@@ -36,6 +36,14 @@ _DUPLICATED = {
 }
 
 
+_TRAINING_KEY = {
+    "train_micro_batch_size_per_gpu": "data.batch_size",
+    "gradient_accumulation_steps": "train.grad_accum_steps",
+    "train_batch_size": "data.batch_size x train.grad_accum_steps x processes",
+    "gradient_clipping": "optim.grad_clip",
+}
+
+
 def using_deepspeed() -> bool:
     return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
 
@@ -104,14 +112,6 @@ def _merge_file(config: dict[str, Any], path: str) -> dict[str, Any]:
     for key in ("bf16", "fp16"):
         merged[key] = {**theirs.get(key, {}), **config[key]}
     return merged
-
-
-_TRAINING_KEY = {
-    "train_micro_batch_size_per_gpu": "data.batch_size",
-    "gradient_accumulation_steps": "train.grad_accum_steps",
-    "train_batch_size": "data.batch_size x train.grad_accum_steps x processes",
-    "gradient_clipping": "optim.grad_clip",
-}
 
 
 def check_launcher_precision(cfg: Config, environ: dict[str, str] | None = None) -> None:

@@ -1,6 +1,7 @@
 """Entry point: ``accelerate launch pipeline/train.py --config configs/quickstart.yaml [k=v ...]``.
 
-Also ``python pipeline/train.py ...`` (one process) and the console script ``pipeline-train``.
+Also ``python pipeline/train.py ...`` (one process), the console script ``pipeline-train``, and
+any strategy through ``accelerate launch --config_file configs/accelerate/<strategy>.yaml``.
 It parses, builds, trains, and closes; everything else lives in the modules it calls.
 """
 

@@ -26,7 +26,7 @@ from safetensors.torch import load_file
 from pipeline.checkpoint import load_checkpoint
 from pipeline.config import ConfigError, load_config
 from pipeline.data.shards import main as write_shards
-from pipeline.distributed import deepspeed_config
+from pipeline.distributed import check_launcher_precision, deepspeed_config
 from tests.conftest import FASHION_MNIST, REPO, launch_command, test_environment
 
 pytestmark = pytest.mark.slow
@@ -285,3 +285,10 @@ def test_a_launch_that_contradicts_the_training_config_stops_at_start(tmp_path, 
                     launcher_args=("--gradient_accumulation_steps", "4"), expect_failure=True)  # fmt: skip
     assert result.returncode != 0
     assert "config error" in result.stderr and "train.grad_accum_steps=1" in result.stderr
+
+
+def test_a_launcher_precision_other_than_the_configs_is_refused():
+    check_launcher_precision(_cfg("train.mixed_precision=bf16"), {"ACCELERATE_MIXED_PRECISION": "bf16"})
+    check_launcher_precision(_cfg("train.mixed_precision=bf16"), {"ACCELERATE_MIXED_PRECISION": "no"})  # the default
+    with pytest.raises(ConfigError, match=r"mixed_precision='fp16' but train.mixed_precision='bf16'"):
+        check_launcher_precision(_cfg("train.mixed_precision=bf16"), {"ACCELERATE_MIXED_PRECISION": "fp16"})
