@@ -16,7 +16,10 @@ Variants:
   old-init            PyTorch's default random conv biases and the [-1, 1] input: the
                       initialisation before the VDVAE parity change;
   new-init-no-warmup  new-init with objective.kl_warmup_steps=0;
-  new-init-free-bits  new-init with objective.free_bits=4 (per group, bits per image).
+  new-init-free-bits  new-init with objective.free_bits=4 (per group, bits per image);
+  new-init-free-bits-no-warmup  both: free bits 4 and no KL warm-up.
+
+``--merge`` keeps the variants of an earlier convergence.json that this run does not redo.
 
 The loop is the trainer's step (AdamW, the learning-rate schedule, clipping, update skipping,
 KL warm-up, free bits) without checkpoints, EMA or tracking, so that only the variants differ.
@@ -30,7 +33,6 @@ import argparse
 import dataclasses
 import json
 import math
-import subprocess
 import sys
 import tempfile
 import time
@@ -42,6 +44,8 @@ from torch import nn
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from fashion_mnist import write_shards  # noqa: E402  (beside this file)
+
 from pipeline.config import Config, load_config  # noqa: E402  (the repository, not an installed copy)
 from pipeline.data.builtin import ensure_builtin_dataset  # noqa: E402
 from pipeline.data.loader import EpochIterator, make_loader  # noqa: E402
@@ -51,30 +55,21 @@ from pipeline.objective import kl_warmup_weight  # noqa: E402
 from pipeline.runs import resolve_input_statistics  # noqa: E402
 from pipeline.trainer import lr_factor  # noqa: E402
 
-FASHION_MNIST = next(
-    (p for p in (REPO.parent / "shared" / "data" / "fashion-mnist", Path("/usr/share/datasets/fashion-mnist"))
-     if (p / "train-images-idx3-ubyte.gz").exists()),
-    None,
-)  # fmt: skip
 VARIANTS = {
     "new-init": [],
     "old-init": ["model.standardize_input=false"],
     "new-init-no-warmup": ["objective.kl_warmup_steps=0"],
     "new-init-free-bits": ["objective.free_bits=4"],
+    "new-init-free-bits-no-warmup": ["objective.free_bits=4", "objective.kl_warmup_steps=0"],
 }
 
 
 def data_urls(config: str, directory: Path) -> tuple[str, str]:
     if not config.startswith("fashion_mnist"):
         return ensure_builtin_dataset(directory / "builtin")
-    if FASHION_MNIST is None:
-        raise SystemExit("Fashion-MNIST not found in ../shared/data or /usr/share/datasets (dataset-fashion-mnist)")
-    out = directory / "fmnist"
-    if not (out / "manifest.json").exists():
-        subprocess.run([sys.executable, "-m", "pipeline.data.shards", str(FASHION_MNIST / "train-images-idx3-ubyte.gz"),
-                        str(out), "--samples-per-shard", "2000", "--limit", "21000", "--heldout-fraction", "0.05",
-                        "--name", "fmnist", "--workers", "2"], check=True, cwd=REPO, capture_output=True)  # fmt: skip
-    return f"{out}/manifest.json#train", f"{out}/manifest.json#heldout"
+    manifest = write_shards("train", directory / "fmnist", "--samples-per-shard", "2000", "--limit", "21000",
+                            "--heldout-fraction", "0.05", "--name", "fmnist")  # fmt: skip
+    return f"{manifest}#train", f"{manifest}#heldout"
 
 
 def pytorch_default_biases(model: nn.Module) -> None:
@@ -177,11 +172,14 @@ def main() -> None:
     parser.add_argument("--variants", default="old-init,new-init,new-init-no-warmup")
     parser.add_argument("--heldout-images", type=int, default=512)
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
+    parser.add_argument("--merge", action="store_true", help="keep an earlier run's other variants")
     args = parser.parse_args()
     torch.set_num_threads(2)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results: dict[str, dict] = {}
+    if args.merge and (out / "convergence.json").exists():
+        results = json.loads((out / "convergence.json").read_text())
     with tempfile.TemporaryDirectory() as tmp:
         for config in args.configs.split(","):
             train_urls, eval_urls = data_urls(config, Path(tmp))
@@ -193,7 +191,7 @@ def main() -> None:
                 count += len(heldout[-1])
                 if count >= args.heldout_images:
                     break
-            results[config] = {}
+            results.setdefault(config, {})
             for variant in args.variants.split(","):
                 cfg = load_config(REPO / "configs" / f"{config}.yaml", VARIANTS[variant])
                 cfg = resolve_input_statistics(cfg, train_urls)

@@ -24,22 +24,13 @@ import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-FASHION_MNIST = next(
-    (p for p in (REPO.parent / "shared" / "data" / "fashion-mnist", Path("/usr/share/datasets/fashion-mnist"))
-     if (p / "train-images-idx3-ubyte.gz").exists()),
-    None,
-)  # fmt: skip
+from fashion_mnist import REPO, write_shards  # beside this file
 
 
 def fashion_mnist_shards(directory: Path) -> list[str]:
-    if FASHION_MNIST is None:
-        raise SystemExit("Fashion-MNIST not found in ../shared/data or /usr/share/datasets (dataset-fashion-mnist)")
-    out = directory / "fmnist"
-    subprocess.run([sys.executable, "-m", "pipeline.data.shards", str(FASHION_MNIST / "train-images-idx3-ubyte.gz"),
-                    str(out), "--samples-per-shard", "1000", "--limit", "20000", "--heldout-fraction", "0.05",
-                    "--name", "fmnist", "--workers", "2"], check=True, cwd=REPO, capture_output=True)  # fmt: skip
-    return [f"data.train_urls={out}/manifest.json#train", f"data.eval_urls={out}/manifest.json#heldout"]
+    manifest = write_shards("train", directory / "fmnist", "--samples-per-shard", "1000", "--limit", "20000",
+                            "--heldout-fraction", "0.05", "--name", "fmnist")  # fmt: skip
+    return [f"data.train_urls={manifest}#train", f"data.eval_urls={manifest}#heldout"]
 
 
 def run(config: str, processes: int, threads: int, steps: int, global_batch: int, data: list[str], run_dir: Path) -> float:
