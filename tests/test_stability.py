@@ -115,3 +115,29 @@ def test_a_collapse_past_the_configured_share_warns_in_the_log_and_in_mlflow(tmp
     assert "step 40: 3 of 4 latent groups collapsed" in caplog.text
     tags = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'm.db'}").get_run(trainer.tracker.run_id).data.tags
     assert tags["collapse_warning"].startswith("step 40: 3 of 4 latent groups collapsed (no active unit): [0, 2, 3]")
+
+
+def test_under_bf16_autocast_the_convolutions_run_in_bf16_and_the_distributions_and_likelihood_in_float32(monkeypatch):
+    """The README's claim: KL, log-std soft clamp and exp, and the likelihood stay float32."""
+    import pipeline.model.vae as vae_module
+
+    seen = {"kl": [], "conv": []}
+    real_kl = vae_module.gaussian_kl
+
+    def recording_kl(*tensors):
+        seen["kl"] += [t.dtype for t in tensors]
+        return real_kl(*tensors)
+
+    monkeypatch.setattr(vae_module, "gaussian_kl", recording_kl)
+    model = VAE(load_config(None, TINY_MODEL).model)
+    model.bottom_up.stem.register_forward_hook(lambda module, args, out: seen["conv"].append(out.dtype))
+    nll = model.likelihood.nll
+    recon = []
+    model.likelihood.nll = lambda state, x: recon.append(nll(state, x)) or recon[-1]
+    images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(images)
+    assert seen["conv"] == [torch.bfloat16]  # autocast is on
+    assert seen["kl"] and set(seen["kl"]) == {torch.float32}
+    assert recon[0].dtype == torch.float32 and out["loss"].dtype == torch.float32
+    assert all(out[k].dtype == torch.float32 for k in ("nelbo", "recon_bpd", "kl_bpd", "kl_bpd_per_group"))
