@@ -137,18 +137,19 @@ def _assert_same_checkpoint(a, b):
     assert state_a["scheduler"] == state_b["scheduler"] and state_a["step"] == state_b["step"]
 
 
-def test_checkpoints_move_between_strategies_and_process_counts(zero2, ddp, launch, tmp_path_factory,
+def test_checkpoints_move_between_strategies_and_process_counts(zero2, ddp, one_process, launch, tmp_path_factory,
                                                                                   shards):  # fmt: skip
     saved = zero2 / "checkpoints" / f"step_{STEPS:06d}"
     # ZeRO-2 (2 processes) -> plain DDP (1 process): loaded and written again, nothing changes.
     one = _train(launch, tmp_path_factory, "from-zero2", shards, "data.batch_size=8", f"checkpoint.resume_from={saved}")
     _assert_same_checkpoint(saved, one / "checkpoints" / f"step_{STEPS:06d}")
-    # DDP (2 processes) -> ZeRO-2 (2 processes) likewise: the ZeRO partitions are filled and gathered again.
-    saved = ddp / "checkpoints" / f"step_{STEPS:06d}"
+    # And back: 1 process -> ZeRO-2 (2 processes) likewise: the ZeRO partitions are filled and gathered again.
+    saved = one_process / "checkpoints" / f"step_{STEPS:06d}"
     again = _train(launch, tmp_path_factory, "from-ddp", shards, "data.batch_size=4", f"checkpoint.resume_from={saved}",
                    accelerate_config="cpu_zero2", num_processes=2)  # fmt: skip
     _assert_same_checkpoint(saved, again / "checkpoints" / f"step_{STEPS:06d}")
-    # And into ZeRO-3, where the weights themselves are partitioned.
+    # DDP (2 processes) -> ZeRO-3, where the weights themselves are partitioned.
+    saved = ddp / "checkpoints" / f"step_{STEPS:06d}"
     third = _train(launch, tmp_path_factory, "from-ddp-3", shards, "data.batch_size=4", f"checkpoint.resume_from={saved}",
                    accelerate_config="cpu_zero3", num_processes=2, timeout=300)  # fmt: skip
     _assert_same_checkpoint(saved, third / "checkpoints" / f"step_{STEPS:06d}")
