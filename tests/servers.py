@@ -1,13 +1,16 @@
-"""Real servers on 127.0.0.1 for the tests: nginx for shards, and a deliberately flaky one."""
+"""Real servers on 127.0.0.1 for the tests: nginx for shards, a deliberately flaky one, and an
+MLflow tracking server."""
 
 from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import threading
 import time
+import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -122,3 +125,47 @@ class FlakyServer:
     def __exit__(self, *exc) -> None:
         self.httpd.shutdown()
         self.httpd.server_close()
+
+
+class MlflowServer:
+    """``argv`` (an ``mlflow server`` command listening on 127.0.0.1:``port``) as a real process,
+    ready once ``/health`` answers. It runs in its own process group: the server forks workers,
+    and they end with it."""
+
+    def __init__(self, argv: list[str], port: int, log: Path, env: dict | None = None, timeout: float = 180) -> None:
+        self.argv, self.port, self.log, self.env, self.timeout = argv, port, log, env, timeout
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> "MlflowServer":
+        with open(self.log, "wb") as out:
+            self.process = subprocess.Popen(self.argv, stdout=out, stderr=subprocess.STDOUT, env=self.env,
+                                            start_new_session=True)  # fmt: skip
+        # Importing mlflow and creating the SQLite schema take a while on a busy 2-core machine.
+        deadline = time.monotonic() + self.timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"mlflow server exited ({self.process.returncode}):\n{self.log.read_text()[-4000:]}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=5) as response:
+                    if response.status == 200:
+                        return self
+            except OSError:
+                pass
+            time.sleep(0.5)
+        self.__exit__()
+        raise TimeoutError(f"mlflow server not healthy after {self.timeout} s:\n{self.log.read_text()[-4000:]}")
+
+    def __exit__(self, *exc) -> None:
+        try:
+            os.killpg(self.process.pid, signal.SIGTERM)
+        except ProcessLookupError:  # the whole group has ended already
+            return
+        try:
+            self.process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=10)
