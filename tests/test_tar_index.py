@@ -150,6 +150,20 @@ CASES = {
         [("ü/k0.png", _payload(_rng, 100)), ("ü/k1.png", _payload(_rng, 100))],
         ["ü/k0", "ü/k1"], ["png", "png"], {"gnu", "ustar"},
     ),
+    "members-webdataset-passes-over": (  # no dot in the file name, metadata, a file name starting with a dot
+        [("d/k0.png", _payload(_rng, 100)), ("d/README", b"x"), ("d/k0.cls", b"1"), ("__meta__/m.json", b"{}"),
+         ("__index__", b""), ("d/k1.png", _payload(_rng, 100)), ("f/.hidden.png", _payload(_rng, 10)),
+         ("f/g.png", _payload(_rng, 10))],
+        ["d/k0", "d/k1", "f/", "f/g"], ["png", "png", None, "png"], set(),
+    ),
+    "no-dot-in-a-file-name": (  # the numpy path leaves these to the walk
+        [("d/k0.png", _payload(_rng, 100)), ("d/README", b"x"), ("d/k0.cls", b"1"), ("d/k1.png", _payload(_rng, 10))],
+        ["d/k0", "d/k1"], ["png", "png"], set(),
+    ),
+    "file-name-starting-with-a-dot": (
+        [("f/.hidden.png", _payload(_rng, 10)), ("f/g.png", _payload(_rng, 10))],
+        ["f/", "f/g"], [None, "png"], set(),
+    ),
     "nested-tar-member": (  # a member whose bytes hold valid tar headers: not part of the chain
         [("k0.tar", _NESTED.getvalue()), ("k0.png", _payload(_rng, 100)), ("k1.png", _payload(_rng, 100))],
         ["k0", "k1"], ["png", "png"], set(),
@@ -181,7 +195,7 @@ def test_index_matches_walk_records_and_tarfile(tmp_path, case, fmt):
     with tarfile.open(fileobj=io.BytesIO(data)) as tar:
         first = {}
         for member in tar.getmembers():
-            if member.isfile():
+            if member.isfile() and streams.split_key(member.name) is not None:
                 key, ext = streams.split_key(member.name)
                 if ext in EXTS:
                     first.setdefault(key, (ext, member.offset_data, member.size))

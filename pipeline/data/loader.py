@@ -52,6 +52,7 @@ from pipeline.data.plan import (
     unconsumed,
 )
 from pipeline.data.streams import (
+    IMAGE_EXTENSIONS,
     DataError,
     ShardStats,
     StreamOptions,
@@ -64,8 +65,6 @@ from pipeline.data.streams import (
 from pipeline.data.urls import resolve_shards
 
 log = logging.getLogger(__name__)
-
-IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
 
 
 @dataclass
@@ -417,6 +416,7 @@ class MappedShards:
             index = index_tar(data, IMAGE_EXTENSIONS)
         except OSError as err:
             index = TarIndex([], [], [], [], error=str(err))
+        index = _with_images(index)
         if len(index.keys) < shard.samples:
             log.warning("shard %s ended after %d of its %d samples%s", shard.url, len(index.keys), shard.samples,
                         f": {index.error}" if index.error else "")  # fmt: skip
@@ -444,6 +444,16 @@ class MappedShards:
     def close(self) -> None:
         for number in np.flatnonzero(self.is_open).tolist():
             self._close(number)
+
+
+def _with_images(index: TarIndex) -> TarIndex:
+    """The index without the samples that have no image member: the manifest's counts, and so
+    the plan's sample positions, leave them out (the shard indexer reports them)."""
+    if None not in index.extensions:
+        return index  # every shard the shard writer makes
+    keep = [i for i, ext in enumerate(index.extensions) if ext is not None]
+    columns = (index.keys, index.extensions, index.offsets, index.sizes)
+    return TarIndex(*([column[i] for i in keep] for column in columns), error=index.error)
 
 
 class StreamedShards:

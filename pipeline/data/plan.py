@@ -154,9 +154,14 @@ def epoch_plan(
     With ``remaining`` (per sample of the epoch, the shards' samples concatenated in list order:
     not consumed yet, from ``unconsumed``), the plan of the epoch's ``continuation``-th
     continuation under this layout: only those samples, and no shard that has none of them."""
-    if any(s.samples is None for s in shards):
-        raise PlanError("epoch mode needs the sample count of every shard: read the shards through their "
-                        "manifest.json (the shard writer makes one), or use data.mode=resampled")
+    uncounted = [s.url for s in shards if s.samples is None]
+    if uncounted:
+        raise PlanError(
+            f"epoch mode needs the sample count of every shard, and {len(uncounted)} of {len(shards)} have none "
+            f"(e.g. {uncounted[0]}): write a manifest for existing shards with "
+            f"`pipeline-shards index 'SHARDS' --out DIR/manifest.json` and read them through it "
+            f"(data.train_urls=DIR/manifest.json#train), or use data.mode=resampled"
+        )
     workers = max(1, num_workers)
     if remaining is None:
         counts = [s.samples for s in shards]

@@ -13,6 +13,9 @@ folder, idx (MNIST) files, CIFAR batches or a list of paths (see ``sources.py``)
 resizes and converts the images, splits them into ``train`` and ``heldout``, and writes::
 
     pipeline-shards SOURCE OUT_DIR --samples-per-shard 1000 --resolution 32 --heldout-fraction 0.1
+
+``pipeline-shards index SHARDS --out manifest.json`` writes only the manifest, for shards that
+exist already (``indexer.py``).
 """
 
 from __future__ import annotations
@@ -559,6 +562,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="pipeline-shards",
         description="Write images (a folder, idx/MNIST files, CIFAR batches or a list of paths) "
         "as WebDataset tar shards plus manifest.json.",
+        epilog="For shards that exist already, `pipeline-shards index SHARDS --out manifest.json` writes only the "
+        "manifest (see `pipeline-shards index --help`).",
     )
     parser.add_argument(
         "source", help="image folder, idx(.gz) images file, CIFAR batch or folder, or text file of paths"
@@ -596,6 +601,11 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["index"]:  # (a source folder named "index" is still ./index)
+        from pipeline.data.indexer import main as index_main
+
+        return index_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     check_args(parser, args)

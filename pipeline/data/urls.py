@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import urllib.error
+import urllib.parse
 from pathlib import PurePosixPath
 
 import webdataset as wds
@@ -29,6 +30,17 @@ log = logging.getLogger(__name__)
 def _base(url: str) -> str:
     head, sep, _ = url.rpartition("/")
     return head + sep
+
+
+def shard_url(base: str, name: str) -> str:
+    """A manifest's shard name -> its URL. A name is relative to the manifest's folder
+    (``base``), as the shard writer writes them, unless it is absolute: a path from ``/`` or a
+    URL (what ``pipeline-shards index`` writes for shards outside that folder)."""
+    if name.startswith(("/", "pipe:")) or "://" in name:
+        return name
+    if base.startswith(("http://", "https://")):
+        return urllib.parse.urljoin(base, name)  # (a name like ../x.tar: the server does not resolve it)
+    return base + name
 
 
 def _load_manifest(url: str, options: StreamOptions, required: bool) -> dict | None:
@@ -49,7 +61,7 @@ def shards_from_manifest(spec: str, options: StreamOptions, default_split: str) 
     if split not in splits:
         raise DataError(f"{url} has no split '{split or default_split}'; it has: {', '.join(splits)} (select one with #name)")
     base = _base(url)
-    return [Shard(base + s["name"], s["samples"]) for s in splits[split]["shards"]]
+    return [Shard(shard_url(base, s["name"]), s["samples"]) for s in splits[split]["shards"]]
 
 
 def _counts_beside(urls: list[str], options: StreamOptions) -> dict[str, int]:
@@ -59,7 +71,7 @@ def _counts_beside(urls: list[str], options: StreamOptions) -> dict[str, int]:
         manifest = _load_manifest(base + "manifest.json", options, required=False)
         for split in (manifest or {}).get("splits", {}).values():
             for shard in split["shards"]:
-                counts[base + shard["name"]] = shard["samples"]
+                counts[shard_url(base, shard["name"])] = shard["samples"]
     return counts
 
 
