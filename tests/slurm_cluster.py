@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import socket
+import stat
 import subprocess
 import tempfile
 import time
@@ -26,6 +27,10 @@ from tests.conftest import free_port
 DAEMONS = ("munged", "slurmctld", "slurmd")
 CLIENTS = ("sbatch", "scontrol", "sinfo", "squeue", "scancel", "srun")
 NODES = ("n1", "n2")
+# GPUs as far as Slurm can tell: per node, character devices named nvidia0, nvidia1 (copies of
+# /dev/null; Slurm wants a device file for a GPU). A job's --gres=gpu:N then sets
+# SLURM_GPUS_ON_NODE as on a GPU cluster, which slurm/launch.sh reads. Nothing opens them.
+GPUS = 2
 
 
 def missing_binaries() -> list[str]:
@@ -59,9 +64,14 @@ class SlurmCluster:
         ports = {"ctld": free_port(), **{node: free_port() for node in NODES}}
         nodes = "\n".join(
             f"NodeName={node} NodeHostname={socket.gethostname()} NodeAddr=127.0.0.1 Port={ports[node]} "
-            f"CPUs={os.cpu_count()} State=UNKNOWN"
+            f"CPUs={os.cpu_count()} Gres=gpu:{GPUS} State=UNKNOWN"
             for node in NODES
         )
+        for index in range(GPUS):
+            os.mknod(self.dir / f"nvidia{index}", 0o666 | stat.S_IFCHR, os.makedev(1, 3))  # /dev/null's numbers
+        devices = f"{self.dir}/nvidia[0-{GPUS - 1}]"
+        # gres.conf is read from slurm.conf's directory.
+        (self.dir / "gres.conf").write_text(f"AutoDetect=off\nNodeName={','.join(NODES)} Name=gpu File={devices}\n")
         self.conf.write_text(f"""\
 ClusterName=tests
 SlurmctldHost=localhost(127.0.0.1)
@@ -87,6 +97,7 @@ SchedulerParameters=sched_interval=1
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 ReturnToService=2
+GresTypes=gpu
 # Finished jobs stay visible to scontrol for 10 minutes; a cancelled job's processes get 5 s.
 MinJobAge=600
 KillWait=5

@@ -32,14 +32,15 @@ TRAINING = ("train.eval_at_start=false", "train.diagnostics=false", "train.final
 SBATCH_OPTIONS = ("--gres=none", "--cpus-per-task=1", "--time=10")
 
 
-def _submit(cluster, directory: Path, data_cache: Path, *, env: dict | None = None, accelerate_config="cpu_ddp_nodes"):
+def _submit(cluster, directory: Path, data_cache: Path, *, env: dict | None = None, accelerate_config="cpu_ddp_nodes",
+            options=SBATCH_OPTIONS):  # fmt: skip
     """``RUN_DIR=... sbatch slurm/train.sbatch configs/accelerate/<config>.yaml configs/quickstart.yaml ...``
     from the repository root, with the tests' tiny model; returns (job id, run dir, log dir)."""
     run_dir, log_dir = directory / "run", directory / "logs"
     log_dir.mkdir(parents=True)
     command = launch_command(run_dir, *TRAINING, data_cache=data_cache, plain_python=True)
     training = command[command.index("--config") + 1 :]
-    job = cluster.submit(*SBATCH_OPTIONS, f"--output={log_dir}/%x-%j.out", "slurm/train.sbatch",
+    job = cluster.submit(*options, f"--output={log_dir}/%x-%j.out", "slurm/train.sbatch",
                          f"configs/accelerate/{accelerate_config}.yaml", *training, cwd=REPO,
                          env={"RUN_DIR": str(run_dir), "LOG_DIR": str(log_dir), "PYTHON": sys.executable} | (env or {}))  # fmt: skip
     return job, run_dir, log_dir
@@ -126,16 +127,36 @@ def test_the_warning_signal_checkpoints_requeues_and_resumes_exactly(slurm_clust
     assert history == _history(reference)[1]
 
 
-# --- the requeue decision, with a stand-in for the interpreter that exits with given codes ----
+# --- with a stand-in for the interpreter: what launch.sh derives, what train.sbatch decides ---
 
 
 @pytest.fixture
 def stub_python(tmp_path) -> Path:
     stub = tmp_path / "python"
-    stub.write_text("#!/bin/bash\n# Stands in for the trainers: exits with this task's code of STUB_EXIT_CODES.\n"
-                    "codes=($STUB_EXIT_CODES)\nexit \"${codes[$SLURM_PROCID]}\"\n")  # fmt: skip
+    stub.write_text("#!/bin/bash\n# Stands in for the Python that runs slurm/accelerate_launch.py: says what it was given,\n"
+                    "# then exits with this task's code of STUB_EXIT_CODES.\n"
+                    "echo \"stub: $*\" >&2\ncodes=($STUB_EXIT_CODES)\nexit \"${codes[$SLURM_PROCID]}\"\n")  # fmt: skip
     stub.chmod(0o755)
     return stub
+
+
+def test_gpus_per_node_and_deepspeed_come_from_the_job(slurm_cluster, stub_python, data_cache, tmp_path):  # noqa: F811
+    """A GPU job as a cluster would run it (--gres=gpu:2 per node, configs/accelerate/zero2.yaml):
+    every node's launch gets 2 machines, its own rank, 2 x 2 processes, the first node's address,
+    the job's port, and DeepSpeed's launcher that leaves starting the nodes to srun."""
+    job, run_dir, log_dir = _submit(slurm_cluster, tmp_path, data_cache, accelerate_config="zero2",
+                                    options=("--gres=gpu:2", "--cpus-per-task=2", "--time=10"),
+                                    env={"PYTHON": str(stub_python), "STUB_EXIT_CODES": "0 0"})  # fmt: skip
+    fields = slurm_cluster.wait(job)
+    assert (fields["JobState"], fields["ExitCode"]) == ("COMPLETED", "0:0"), _logs(log_dir)
+    port = 15000 + int(job) % 15000
+    for rank in (0, 1):
+        line = next(x for x in (log_dir / f"hvae-{job}.rank{rank}.log").read_text().splitlines() if x.startswith("stub:"))
+        assert (f"slurm/accelerate_launch.py --config_file configs/accelerate/zero2.yaml --num_machines 2 "
+                f"--machine_rank {rank} --num_processes 4 --main_process_ip 127.0.0.1 --main_process_port {port} "
+                "--num_cpu_threads_per_process 1 --deepspeed_multinode_launcher standard pipeline/train.py "
+                f"--config {REPO / 'configs' / 'quickstart.yaml'} ") in line, line  # fmt: skip
+        assert line.endswith(f" train.run_dir={run_dir}")
 
 
 def test_a_failure_on_one_node_fails_the_job_even_beside_a_checkpointed_stop(slurm_cluster, stub_python, data_cache,  # noqa: F811
