@@ -116,12 +116,14 @@ PartitionName=tests Nodes=ALL Default=YES MaxTime=INFINITE State=UP
         self.write_config()
         self._start(self._which("munged"), "--foreground", f"--key-file={self.dir / 'munge.key'}",
                     f"--socket={self.dir / 'munge.socket'}", f"--pid-file={self.dir / 'munged.pid'}",
-                    f"--seed-file={self.dir / 'munged.seed'}", f"--log-file={self.dir / 'log' / 'munged.log'}")  # fmt: skip
+                    f"--seed-file={self.dir / 'munged.seed'}",
+                    f"--log-file={self.dir / 'log' / 'munged.log'}")  # fmt: skip
         self._wait(lambda: (self.dir / "munge.socket").exists(), "munged's socket")
         self._start(self._which("slurmctld"), "-D", "-f", str(self.conf))
         for node in NODES:
             self._start(self._which("slurmd"), "-D", "-f", str(self.conf), "-N", node)
-        self._wait(lambda: self.run("sinfo", "-N", "-h", "-o", "%N %t", check=False).stdout.split() == ["n1", "idle", "n2", "idle"],
+        idle = [word for node in NODES for word in (node, "idle")]
+        self._wait(lambda: self.run("sinfo", "-N", "-h", "-o", "%N %t", check=False).stdout.split() == idle,
                    "both nodes idle in sinfo")  # fmt: skip
 
     def _wait(self, ready, what: str, timeout: float = 60) -> None:
@@ -200,8 +202,8 @@ PartitionName=tests Nodes=ALL Default=YES MaxTime=INFINITE State=UP
         self.stop()
 
 
-@pytest.fixture(scope="session")
-def slurm_cluster():
+@pytest.fixture(scope="session", name="slurm_cluster")
+def slurm_cluster_fixture():
     missing = missing_binaries()
     if missing:
         pytest.skip(f"Slurm is not installed (no {', '.join(missing)}): `make test` installs Debian's slurm-wlm "

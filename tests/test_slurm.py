@@ -20,7 +20,7 @@ from mlflow import MlflowClient
 from safetensors.torch import load_file
 
 from tests.conftest import REPO, launch_command
-from tests.slurm_cluster import slurm_cluster  # noqa: F401 (the fixture)
+from tests.slurm_cluster import slurm_cluster_fixture  # noqa: F401 (the fixture slurm_cluster)
 
 pytestmark = pytest.mark.slow
 
@@ -42,7 +42,8 @@ def _submit(cluster, directory: Path, data_cache: Path, *, env: dict | None = No
     training = command[command.index("--config") + 1 :]
     job = cluster.submit(*options, f"--output={log_dir}/%x-%j.out", "slurm/train.sbatch",
                          f"configs/accelerate/{accelerate_config}.yaml", *training, cwd=REPO,
-                         env={"RUN_DIR": str(run_dir), "LOG_DIR": str(log_dir), "PYTHON": sys.executable} | (env or {}))  # fmt: skip
+                         env={"RUN_DIR": str(run_dir), "LOG_DIR": str(log_dir), "PYTHON": sys.executable}
+                         | (env or {}))  # fmt: skip
     return job, run_dir, log_dir
 
 
@@ -69,7 +70,7 @@ def _history(run_dir: Path) -> tuple[list, list[tuple[int, float]]]:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(slurm_cluster, builtin_urls, data_cache, tmp_path_factory):  # noqa: F811
+def uninterrupted(slurm_cluster, builtin_urls, data_cache, tmp_path_factory):
     job, run_dir, log_dir = _submit(slurm_cluster, tmp_path_factory.mktemp("slurm-whole"), data_cache)
     return slurm_cluster.wait(job), run_dir, log_dir
 
@@ -97,7 +98,7 @@ def _logged_steps(run_dir: Path) -> int:
         return 0
 
 
-def test_the_warning_signal_checkpoints_requeues_and_resumes_exactly(slurm_cluster, uninterrupted, data_cache,  # noqa: F811
+def test_the_warning_signal_checkpoints_requeues_and_resumes_exactly(slurm_cluster, uninterrupted, data_cache,
                                                                      tmp_path):  # fmt: skip
     reference = uninterrupted[1]
     job, run_dir, log_dir = _submit(slurm_cluster, tmp_path, data_cache)
@@ -133,14 +134,14 @@ def test_the_warning_signal_checkpoints_requeues_and_resumes_exactly(slurm_clust
 @pytest.fixture
 def stub_python(tmp_path) -> Path:
     stub = tmp_path / "python"
-    stub.write_text("#!/bin/bash\n# Stands in for the Python that runs slurm/accelerate_launch.py: says what it was given,\n"
-                    "# then exits with this task's code of STUB_EXIT_CODES.\n"
+    stub.write_text("#!/bin/bash\n# Stands in for the Python that runs slurm/accelerate_launch.py: says what it\n"
+                    "# was given, then exits with this task's code of STUB_EXIT_CODES.\n"
                     "echo \"stub: $*\" >&2\ncodes=($STUB_EXIT_CODES)\nexit \"${codes[$SLURM_PROCID]}\"\n")  # fmt: skip
     stub.chmod(0o755)
     return stub
 
 
-def test_gpus_per_node_and_deepspeed_come_from_the_job(slurm_cluster, stub_python, data_cache, tmp_path):  # noqa: F811
+def test_gpus_per_node_and_deepspeed_come_from_the_job(slurm_cluster, stub_python, data_cache, tmp_path):
     """A GPU job as a cluster would run it (--gres=gpu:2 per node, configs/accelerate/zero2.yaml):
     every node's launch gets 2 machines, its own rank, 2 x 2 processes, the first node's address,
     the job's port, and DeepSpeed's launcher that leaves starting the nodes to srun."""
@@ -151,7 +152,8 @@ def test_gpus_per_node_and_deepspeed_come_from_the_job(slurm_cluster, stub_pytho
     assert (fields["JobState"], fields["ExitCode"]) == ("COMPLETED", "0:0"), _logs(log_dir)
     port = 15000 + int(job) % 15000
     for rank in (0, 1):
-        line = next(x for x in (log_dir / f"hvae-{job}.rank{rank}.log").read_text().splitlines() if x.startswith("stub:"))
+        log = (log_dir / f"hvae-{job}.rank{rank}.log").read_text()
+        line = next(x for x in log.splitlines() if x.startswith("stub:"))
         assert (f"slurm/accelerate_launch.py --config_file configs/accelerate/zero2.yaml --num_machines 2 "
                 f"--machine_rank {rank} --num_processes 4 --main_process_ip 127.0.0.1 --main_process_port {port} "
                 "--num_cpu_threads_per_process 1 --deepspeed_multinode_launcher standard pipeline/train.py "
@@ -159,17 +161,18 @@ def test_gpus_per_node_and_deepspeed_come_from_the_job(slurm_cluster, stub_pytho
         assert line.endswith(f" train.run_dir={run_dir}")
 
 
-def test_a_failure_on_one_node_fails_the_job_even_beside_a_checkpointed_stop(slurm_cluster, stub_python, data_cache,  # noqa: F811
+def test_a_failure_on_one_node_fails_the_job_even_beside_a_checkpointed_stop(slurm_cluster, stub_python, data_cache,
                                                                             tmp_path):  # fmt: skip
-    job, _, log_dir = _submit(slurm_cluster, tmp_path, data_cache, env={"PYTHON": str(stub_python), "STUB_EXIT_CODES": "75 1"})
+    job, _, log_dir = _submit(slurm_cluster, tmp_path, data_cache,
+                              env={"PYTHON": str(stub_python), "STUB_EXIT_CODES": "75 1"})  # fmt: skip
     fields = slurm_cluster.wait(job)
     assert (fields["JobState"], fields["ExitCode"], fields["Restarts"]) == ("FAILED", "1:0", "0"), _logs(log_dir)
     assert "rank 0: 75; rank 1: 1;" in _logs(log_dir)
 
 
-def test_requeues_stop_at_max_requeues(slurm_cluster, stub_python, data_cache, tmp_path):  # noqa: F811
-    job, _, log_dir = _submit(slurm_cluster, tmp_path, data_cache,
-                              env={"PYTHON": str(stub_python), "STUB_EXIT_CODES": "75 75", "MAX_REQUEUES": "1"})  # fmt: skip
+def test_requeues_stop_at_max_requeues(slurm_cluster, stub_python, data_cache, tmp_path):
+    stub = {"PYTHON": str(stub_python), "STUB_EXIT_CODES": "75 75", "MAX_REQUEUES": "1"}
+    job, _, log_dir = _submit(slurm_cluster, tmp_path, data_cache, env=stub)
     fields = slurm_cluster.wait(job)
     logs = _logs(log_dir)
     assert (fields["JobState"], fields["ExitCode"], fields["Restarts"]) == ("FAILED", "75:0", "1"), logs
