@@ -86,7 +86,8 @@ def test_a_two_node_job_trains_as_two_machines_to_the_end(uninterrupted):
     assert "machine 0 of 2" in logs[0] and "machine 1 of 2" in logs[1], _logs(log_dir)
     assert all("meeting at 127.0.0.1:" in text for text in logs.values())
     runs, history = _history(run_dir)
-    assert len(runs) == 1 and [step for step, _ in history] == list(range(1, STEPS + 1))
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    assert [step for step, _ in history] == list(range(1, STEPS + 1))
 
 
 def _logged_steps(run_dir: Path) -> int:
