@@ -282,9 +282,14 @@ class TrainConfig:
     ``3h50m``, ``90m``, ``45s``, ``1.5h``, or a number of seconds. Leave a margin for the
     checkpoint. Rank 0's clock decides; a process makes at least one step before it is applied.
     Empty: no limit."""
+    progress_every: float = 30.0
+    """Seconds between plain progress lines (step, loss, images/s, ETA) when neither stderr nor
+    stdout is a terminal (a batch job's log file), instead of a progress bar whose carriage
+    returns would turn the log into one endless line."""
 
     def __post_init__(self) -> None:
-        _check_positive(self, "steps", "grad_accum_steps", "log_every", "eval_every", "image_every", "collective_timeout")
+        _check_positive(self, "steps", "grad_accum_steps", "log_every", "eval_every", "image_every",
+                        "collective_timeout", "progress_every")  # fmt: skip
         _check_non_negative(self, "eval_batches", "final_iw_samples")
         if not 0 <= self.collapse_warning_share <= 1:
             raise ConfigError(f"train.collapse_warning_share: must be in [0, 1], got {self.collapse_warning_share}")

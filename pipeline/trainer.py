@@ -23,7 +23,6 @@ import torch
 import yaml
 from accelerate import Accelerator
 from accelerate.utils import gather_object, set_seed
-from tqdm.auto import tqdm
 
 from pipeline.checkpoint import (
     capture_rng,
@@ -46,6 +45,7 @@ from pipeline.images import sample_and_reconstruction_grid
 from pipeline.model import VAE
 from pipeline.model.noise import StepNoise
 from pipeline.objective import kl_warmup_weight
+from pipeline.progress import Progress
 from pipeline.runs import resolve_data_urls, resolve_input_statistics
 from pipeline.stopping import StopRequests, TrainingStopped, clear_stopped, reason, write_stopped
 from pipeline.tracking import Tracker
@@ -126,6 +126,7 @@ class Trainer:
         self.step = 0
         self.saved_step: int | None = None  # the step this process last checkpointed
         self.first_eval: dict[str, float] | None = None
+        self.progress: Progress | None = None
         run_id = self._resume(*resumed[1:]) if resumed else None
         self.tracker = Tracker(
             active=self.is_main and cfg.tracking.enabled,
@@ -197,10 +198,10 @@ class Trainer:
                                    "strategy": strategy})  # fmt: skip
         if self.is_main:
             clear_stopped(self.run_dir)  # a stop record of an earlier start is history now
+        self.progress = Progress(cfg.train.steps, self.step, enabled=self.is_main, every_s=cfg.train.progress_every)
         if self.step == 0 and cfg.train.eval_at_start:
             with self._side_work():
                 self.first_eval = self.evaluate()
-        progress = tqdm(total=cfg.train.steps, initial=self.step, disable=not self.is_main, desc="train", dynamic_ncols=True)
         sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=acc.device))
         interval_start, interval_steps = time.perf_counter(), 0
         # Asked at every step boundary, this one included: a signal during set-up or the step-0
@@ -229,10 +230,10 @@ class Trainer:
                     "train/epoch": self.train_batches.epoch,
                 }
                 self.tracker.log_metrics(metrics, self.step)
-                progress.set_postfix(loss=f"{metrics['train/loss']:.3f}", img_s=f"{metrics['train/images_per_s']:.0f}")
+                self.progress.metrics(metrics["train/loss"], metrics["train/images_per_s"])
                 sums.clear()
                 interval_start, interval_steps = time.perf_counter(), 0
-            progress.update(1)
+            self.progress.update(self.step)
             # Before this step's evaluation and images: a stop must not wait for them.
             stop = self.stop.should_stop(acc, self.step)
             if stop:
@@ -247,7 +248,7 @@ class Trainer:
             if self.step % cfg.checkpoint.every == 0:
                 self.save()
             interval_start += time.perf_counter() - paused  # images/s counts training time only
-        progress.close()
+        self.progress.close()
         if stop:
             self._stop_now(stop)
         with self._side_work():
@@ -356,7 +357,7 @@ class Trainer:
                 self._watch_collapse(report["collapsed_groups"], model.num_groups)
             model.train()
         if self.is_main:
-            tqdm.write(f"step {self.step}: held-out {metrics['eval/loss']:.4f} bits/dim "
+            self.progress.write(f"step {self.step}: held-out {metrics['eval/loss']:.4f} bits/dim "
                        f"(reconstruction {metrics['eval/recon_bpd']:.4f} + KL {metrics['eval/kl_bpd']:.4f}); "
                        f"EMA weights {metrics['eval_ema/loss']:.4f}")
         return metrics
