@@ -27,12 +27,15 @@ quickstart: install
 	$(BIN)/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
 		--num_cpu_threads_per_process $$(nproc) pipeline/train.py --config configs/quickstart.yaml
 
-# The tests start real servers: nginx serves shards over HTTP. CI runs as root and installs it
-# from Debian; elsewhere install it yourself, or the HTTP tests are skipped (and say so).
+# The tests start real servers: nginx serves shards over HTTP, and a single-host Slurm (munged,
+# slurmctld, slurmd) runs slurm/train.sbatch. CI runs as root and installs them from Debian;
+# elsewhere install them yourself, or those tests are skipped (and say so).
 # Fashion-MNIST comes from ../shared/data beside the checkout, else from Debian's package.
 test: install
 	@if ! command -v nginx >/dev/null && [ "$$(id -u)" = 0 ]; then \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx >/dev/null; fi
+	@if ! { command -v slurmctld && command -v munged; } >/dev/null && [ "$$(id -u)" = 0 ]; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm munge >/dev/null; fi
 	@if [ ! -e ../shared/data/fashion-mnist ] && [ ! -e /usr/share/datasets/fashion-mnist ] && [ "$$(id -u)" = 0 ]; then \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null; fi
 	$(BIN)/python -m pytest -q -rs tests

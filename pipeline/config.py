@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -268,12 +269,43 @@ class TrainConfig:
     """K of the importance-weighted bound in the report written at the end of training."""
     image_every: int = 500
     """Steps between sample/reconstruction grids logged as images (and at the end)."""
+    stop_signals: list[Literal["TERM", "INT", "USR1", "USR2", "HUP"]] = field(
+        default_factory=lambda: ["TERM", "INT", "USR1"]
+    )
+    """Signals that stop the run cleanly (``pipeline/stopping.py``): at the next step boundary every
+    process stops, a checkpoint of the last completed step is written, the MLflow run is closed as
+    KILLED and the process exits with 75; rerunning the same command resumes. TERM is what
+    SLURM, Kubernetes and ``kill`` send, INT is Ctrl-C (a second one exits at once, with 130),
+    USR1 what ``sbatch --signal=USR1@<seconds>`` sends before the time limit. ``[]``: none."""
+    time_limit: str | float = ""
+    """Stop the same way once this process has run this long, for clusters that send no signal:
+    ``3h50m``, ``90m``, ``45s``, ``1.5h``, or a number of seconds. Leave a margin for the
+    checkpoint. Rank 0's clock decides; a process makes at least one step before it is applied.
+    Empty: no limit."""
+    progress_every: float = 30.0
+    """Seconds between plain progress lines (step, loss, images/s, ETA) when neither stderr nor
+    stdout is a terminal (a batch job's log file), instead of a progress bar whose carriage
+    returns would turn the log into one endless line."""
 
     def __post_init__(self) -> None:
-        _check_positive(self, "steps", "grad_accum_steps", "log_every", "eval_every", "image_every", "collective_timeout")
+        _check_positive(self, "steps", "grad_accum_steps", "log_every", "eval_every", "image_every",
+                        "collective_timeout", "progress_every")  # fmt: skip
         _check_non_negative(self, "eval_batches", "final_iw_samples")
         if not 0 <= self.collapse_warning_share <= 1:
             raise ConfigError(f"train.collapse_warning_share: must be in [0, 1], got {self.collapse_warning_share}")
+        self.time_limit_seconds()  # a malformed limit fails at start, not when it is reached
+
+    def time_limit_seconds(self) -> float | None:
+        """``time_limit`` in seconds; None when there is none."""
+        if self.time_limit == "":
+            return None
+        try:
+            seconds = parse_duration(self.time_limit)
+        except ValueError as err:
+            raise ConfigError(f"train.time_limit: {err}") from None
+        if seconds <= 0:
+            raise ConfigError(f"train.time_limit: must be > 0, got {self.time_limit!r}")
+        return seconds
 
 
 @dataclass
@@ -320,6 +352,27 @@ class Config:
     def flat(self) -> dict[str, Any]:
         """``{"train.steps": 1000, ...}``: the form MLflow params take."""
         return {f"{section}.{key}": value for section, values in self.to_dict().items() for key, value in values.items()}
+
+
+_DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*([dhms])")
+_UNIT_SECONDS = {"d": 86400, "h": 3600, "m": 60, "s": 1}
+
+
+def parse_duration(value: str | float) -> float:
+    """Seconds in ``"3h50m"``, ``"90m"``, ``"45s"``, ``"1.5h"``, ``"2d"``, or a plain number of
+    seconds (a number, or a string of one). A bare number is seconds, never minutes as in SLURM's
+    ``--time``: say ``90m``."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    text = str(value).strip().lower()
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    parts = _DURATION.findall(text)
+    if not parts or _DURATION.sub("", text).strip():
+        raise ValueError(f"expected a duration like 3h50m, 90m, 45s or a number of seconds, got {value!r}")
+    return sum(float(number) * _UNIT_SECONDS[unit] for number, unit in parts)
 
 
 def _check_positive(section: Any, *names: str) -> None:

@@ -19,6 +19,7 @@ import argparse
 import logging
 
 from pipeline.config import ConfigError, load_config
+from pipeline.stopping import EXIT_RESUMABLE, StopRequests, TrainingStopped
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -35,6 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError) as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
+    # From here on a stop signal is kept for the first step boundary (pipeline/stopping.py).
+    stop = StopRequests(cfg.train.stop_signals, cfg.train.time_limit_seconds())
+    stop.install()
 
     # Heavy imports after the config check, so a typo is reported in a second.
     from pipeline.data.streams import DataError
@@ -47,12 +51,13 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
+    stop.main_process = accelerator.is_main_process  # rank 0's clock decides the time limit
     logging.basicConfig(
         level=logging.INFO if accelerator.is_main_process else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
-        trainer = Trainer(cfg, accelerator)
+        trainer = Trainer(cfg, accelerator, stop)
     except DataError as err:
         print(f"data error: {err}", file=sys.stderr)
         return 3
@@ -60,6 +65,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         trainer.fit()
         status = "FINISHED"
+    except TrainingStopped:
+        # Not FAILED (nothing went wrong) nor FINISHED: MLflow's KILLED, "ended from outside".
+        # The rerun that resumes this checkpoint reopens the same run id, and MLflow's
+        # start_run(run_id=...) sets a reopened run back to RUNNING.
+        status = "KILLED"
+        return EXIT_RESUMABLE
     except DataError as err:
         print(f"data error: {err}", file=sys.stderr)
         return 3

@@ -23,10 +23,10 @@ import torch
 import yaml
 from accelerate import Accelerator
 from accelerate.utils import gather_object, set_seed
-from tqdm.auto import tqdm
 
 from pipeline.checkpoint import (
     capture_rng,
+    checkpoint_name,
     latest_checkpoint,
     load_checkpoint,
     load_ema,
@@ -45,7 +45,9 @@ from pipeline.images import sample_and_reconstruction_grid
 from pipeline.model import VAE
 from pipeline.model.noise import StepNoise
 from pipeline.objective import kl_warmup_weight
+from pipeline.progress import Progress
 from pipeline.runs import resolve_data_urls, resolve_input_statistics
+from pipeline.stopping import StopRequests, TrainingStopped, clear_stopped, reason, write_stopped
 from pipeline.tracking import Tracker
 from pipeline.updates import TrainingStalled, UpdateGuard
 
@@ -65,8 +67,10 @@ def lr_factor(cfg: Config, step: int) -> float:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, accelerator: Accelerator) -> None:
+    def __init__(self, cfg: Config, accelerator: Accelerator, stop: StopRequests | None = None) -> None:
         self.cfg, self.accelerator = cfg, accelerator
+        # Signals and the time limit (train.py installs the handlers); none when used as a library.
+        self.stop = stop or StopRequests()
         self.run_dir = Path(cfg.train.run_dir)
         self.checkpoint_dir = self.run_dir / "checkpoints"
         self.is_main = accelerator.is_main_process
@@ -120,7 +124,9 @@ class Trainer:
         self.eval_loader, _ = make_loader(eval_urls, train=False, **common)
 
         self.step = 0
+        self.saved_step: int | None = None  # the step this process last checkpointed
         self.first_eval: dict[str, float] | None = None
+        self.progress: Progress | None = None
         run_id = self._resume(*resumed[1:]) if resumed else None
         self.tracker = Tracker(
             active=self.is_main and cfg.tracking.enabled,
@@ -190,19 +196,23 @@ class Trainer:
             strategy = f"deepspeed-zero{zero_stage(self.model)}" if self.deepspeed else str(acc.distributed_type).lower()
             self.tracker.set_tags({"num_processes": acc.num_processes, "mixed_precision": acc.mixed_precision,
                                    "strategy": strategy})  # fmt: skip
+        if self.is_main:
+            clear_stopped(self.run_dir)  # a stop record of an earlier start is history now
+        self.progress = Progress(cfg.train.steps, self.step, enabled=self.is_main, every_s=cfg.train.progress_every)
         if self.step == 0 and cfg.train.eval_at_start:
             with self._side_work():
                 self.first_eval = self.evaluate()
-        progress = tqdm(total=cfg.train.steps, initial=self.step, disable=not self.is_main, desc="train", dynamic_ncols=True)
         sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=acc.device))
         interval_start, interval_steps = time.perf_counter(), 0
-        while self.step < cfg.train.steps:
+        # Asked at every step boundary, this one included: a signal during set-up or the step-0
+        # evaluation stops the run before it trains further.
+        stop = self.stop.should_stop(acc, self.step)
+        while not stop and self.step < cfg.train.steps:
             stats = self.train_step()
             if stats is None:  # a micro-batch of gradient accumulation, no update yet
                 continue
             self.step += 1
             interval_steps += 1
-            progress.update(1)
             for key, value in stats.items():
                 sums[key] = sums[key] + value
             if self.step % cfg.train.log_every == 0 or self.step == cfg.train.steps:
@@ -220,9 +230,14 @@ class Trainer:
                     "train/epoch": self.train_batches.epoch,
                 }
                 self.tracker.log_metrics(metrics, self.step)
-                progress.set_postfix(loss=f"{metrics['train/loss']:.3f}", img_s=f"{metrics['train/images_per_s']:.0f}")
+                self.progress.metrics(metrics["train/loss"], metrics["train/images_per_s"])
                 sums.clear()
                 interval_start, interval_steps = time.perf_counter(), 0
+            self.progress.update(self.step)
+            # Before this step's evaluation and images: a stop must not wait for them.
+            stop = self.stop.should_stop(acc, self.step)
+            if stop:
+                break
             paused = time.perf_counter()
             if self.step % cfg.train.eval_every == 0 and self.step < cfg.train.steps:
                 with self._side_work():
@@ -233,11 +248,18 @@ class Trainer:
             if self.step % cfg.checkpoint.every == 0:
                 self.save()
             interval_start += time.perf_counter() - paused  # images/s counts training time only
-        progress.close()
+        self.progress.close()
+        if stop:
+            self._stop_now(stop)
         with self._side_work():
             final = self.evaluate()
             self.log_images()
         self.save()  # before the exports and the report: a failure there must not lose the steps
+        # The final evaluation can take minutes: a stop asked meanwhile is honoured here, the
+        # checkpoint just written; the rerun evaluates again, then exports.
+        stop = self.stop.should_stop(acc, self.step)
+        if stop:
+            self._stop_now(stop)
         with self._side_work():
             self.export_encoder()
             self.write_eval_report()
@@ -248,6 +270,18 @@ class Trainer:
             log.info("held-out bits/dim: %s at the start, %.3f now, %.3f with the EMA weights (step %d)",
                      start, final["eval/loss"], final["eval_ema/loss"], self.step)
         return summary
+
+    def _stop_now(self, code: int) -> None:
+        """Every rank agreed to stop after ``self.step``: checkpoint it (the save is a no-op when
+        this step is saved already), leave the record job scripts read, raise TrainingStopped
+        (train.py closes the MLflow run as KILLED and exits with 75)."""
+        self.save()
+        stopped = TrainingStopped(code, self.step)
+        if self.is_main:
+            log.warning("%s", stopped)
+            write_stopped(self.run_dir, code, self.step, self.checkpoint_dir / checkpoint_name(self.step))
+            self.tracker.set_tags({"last_stop": f"step {self.step}: {reason(code)}"})
+        raise stopped
 
     def kl_weight(self) -> float:
         """The KL term's weight in the objective at this step (linear warm-up)."""
@@ -323,7 +357,7 @@ class Trainer:
                 self._watch_collapse(report["collapsed_groups"], model.num_groups)
             model.train()
         if self.is_main:
-            tqdm.write(f"step {self.step}: held-out {metrics['eval/loss']:.4f} bits/dim "
+            self.progress.write(f"step {self.step}: held-out {metrics['eval/loss']:.4f} bits/dim "
                        f"(reconstruction {metrics['eval/recon_bpd']:.4f} + KL {metrics['eval/kl_bpd']:.4f}); "
                        f"EMA weights {metrics['eval_ema/loss']:.4f}")
         return metrics
@@ -380,6 +414,8 @@ class Trainer:
     # --- outputs -----------------------------------------------------------------------------
 
     def save(self) -> None:
+        if self.saved_step == self.step:  # (same on every rank) e.g. a periodic save, then a stop
+            return
         acc = self.accelerator
         # Every rank contributes its own data position and RNG, and under ZeRO its slices of the
         # weights and optimizer state (gathered: a collective); the main process writes.
@@ -409,6 +445,7 @@ class Trainer:
             )
             log.info("saved %s", path)
         acc.wait_for_everyone()
+        self.saved_step = self.step
 
     @contextmanager
     def _side_work(self) -> Iterator[None]:

@@ -63,6 +63,7 @@ from pipeline.data.streams import (
     read_shard,
 )
 from pipeline.data.urls import resolve_shards
+from pipeline.stopping import ignore_stop_signals, stop_signals_blocked
 
 log = logging.getLogger(__name__)
 
@@ -210,6 +211,7 @@ class ShardDataset(IterableDataset):
             # garbage collections, which would otherwise walk (and, by touching them, copy)
             # that whole heap. Costs nothing: the lists are spliced, no object is touched.
             gc.freeze()
+            ignore_stop_signals()  # the training process decides when to stop (pipeline/stopping.py)
         self._writer = SlotWriter(self.released, worker) if in_worker and self.released is not None else None
         start = batches_taken(self.batches_per_worker(self.epoch), self.batches_taken)[worker]
         if self.mode == "epoch":
@@ -525,6 +527,15 @@ def _as_is(batch: dict[str, Any]) -> dict[str, Any]:
     return batch
 
 
+class _Loader(torch.utils.data.DataLoader):
+    def __iter__(self):
+        # The worker processes start in here: with the stop signals blocked, which they inherit,
+        # ignore, then unblock (ShardDataset.__iter__), so that no signal meant for the training
+        # process can kill one while it starts.
+        with stop_signals_blocked():
+            return super().__iter__()
+
+
 def make_loader(
     urls: str | list[str] | list[Shard],
     *,
@@ -545,7 +556,7 @@ def make_loader(
     else:
         shards = resolve_shards(urls, options, default_split="train" if train else "heldout")
     dataset = ShardDataset(shards, batch_size=batch_size, train=train, options=options, **settings)
-    loader = torch.utils.data.DataLoader(
+    loader = _Loader(
         dataset,
         batch_size=None,
         num_workers=dataset.num_workers,
