@@ -12,7 +12,14 @@ from typing import Any
 import torch
 import webdataset as wds
 
-from pipeline.checkpoint import latest_checkpoint, load_checkpoint, load_ema
+from pipeline.checkpoint import (
+    STATE_FILE,
+    CheckpointError,
+    load_checkpoint,
+    load_ema,
+    newest_valid_checkpoint,
+    verify_checkpoint,
+)
 from pipeline.config import Config, config_from_dict
 from pipeline.data.builtin import ensure_builtin_dataset
 from pipeline.data.loader import make_loader
@@ -108,16 +115,38 @@ def heldout_loader(cfg: Config, batch_size: int, urls: str | list[str] | None = 
     return loader
 
 
+def checkpoint_to_resume(cfg: Config) -> Path | None:
+    """The checkpoint a training run starts from: the run directory's newest whole one (damaged
+    newer ones are named in the log and skipped), else ``checkpoint.resume_from``, else None.
+
+    ``checkpoint.resume_from`` names one checkpoint on purpose: damaged, it is an error naming the
+    file, not a silent fall back to another. So is a run directory whose every checkpoint is
+    damaged (CheckpointError either way)."""
+    own = newest_valid_checkpoint(Path(cfg.train.run_dir) / "checkpoints")
+    if own is not None or not cfg.checkpoint.resume_from:
+        return own
+    path = Path(cfg.checkpoint.resume_from)
+    if not (path / STATE_FILE).is_file():
+        raise CheckpointError(f"checkpoint.resume_from={path}: not a complete checkpoint directory (no {STATE_FILE})")
+    try:
+        verify_checkpoint(path)
+    except CheckpointError as err:
+        raise CheckpointError(f"checkpoint.resume_from={path}: {err}") from None
+    return path
+
+
 def load_trained(run_dir: Path, checkpoint: str | None = None, weights: str = "ema") -> tuple[VAE, Config, dict[str, Any], Path]:
     """(model in eval mode, its config, the checkpoint's state.json, the checkpoint path).
 
     ``checkpoint``: a checkpoint directory or its name under <run_dir>/checkpoints (default: the
-    newest). ``weights``: ``ema`` (the moving average, falling back to the live weights for a
-    checkpoint without one) or ``live``.
+    newest that is whole, damaged newer ones named in the log). ``weights``: ``ema`` (the moving
+    average, falling back to the live weights for a checkpoint without one) or ``live``. A
+    damaged checkpoint named here raises CheckpointError naming the file, as does a run whose
+    every checkpoint is damaged.
     """
     root = Path(run_dir) / "checkpoints"
     if checkpoint is None:
-        path = latest_checkpoint(root)
+        path = newest_valid_checkpoint(root)
         if path is None:
             raise FileNotFoundError(f"no checkpoint in {root}")
     else:

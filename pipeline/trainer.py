@@ -26,8 +26,8 @@ from accelerate.utils import gather_object, set_seed
 from tqdm.auto import tqdm
 
 from pipeline.checkpoint import (
+    CheckpointError,
     capture_rng,
-    latest_checkpoint,
     load_checkpoint,
     load_ema,
     remove_stale_temporaries,
@@ -45,9 +45,9 @@ from pipeline.images import sample_and_reconstruction_grid
 from pipeline.model import VAE
 from pipeline.model.noise import StepNoise
 from pipeline.objective import kl_warmup_weight
-from pipeline.runs import resolve_data_urls, resolve_input_statistics
+from pipeline.runs import checkpoint_to_resume, resolve_data_urls, resolve_input_statistics
 from pipeline.tracking import Tracker
-from pipeline.updates import TrainingStalled, UpdateGuard
+from pipeline.updates import UpdateGuard
 
 log = logging.getLogger(__name__)
 
@@ -150,14 +150,12 @@ class Trainer:
         return resolve_input_statistics(cfg, train_urls)
 
     def _find_checkpoint(self) -> Path | None:
-        """The run directory's newest checkpoint, else ``checkpoint.resume_from``, else None."""
+        """The run directory's newest whole checkpoint, else ``checkpoint.resume_from``, else None."""
         remove_stale_temporaries(self.checkpoint_dir)
-        latest = latest_checkpoint(self.checkpoint_dir)
-        if latest is None and self.cfg.checkpoint.resume_from:
-            latest = Path(self.cfg.checkpoint.resume_from)
-            if not (latest / "state.json").is_file():
-                raise SystemExit(f"checkpoint.resume_from={latest}: not a complete checkpoint directory (no state.json)")
-        return latest
+        try:
+            return checkpoint_to_resume(self.cfg)
+        except CheckpointError as err:
+            raise SystemExit(f"checkpoint error: {err}") from None
 
     def _resume(self, optimizer_state, state: dict[str, Any]) -> str | None:
         """Everything of the checkpoint but the weights (loaded before prepare); returns its

@@ -5,14 +5,22 @@ or file, or in a fallback that the log reports, never in a deep traceback or sil
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import subprocess
 import sys
 import typing
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
+from pipeline import checkpoint as ckpt
+from pipeline.checkpoint import PortableOptimizerState, list_checkpoints, load_checkpoint, load_ema, save_checkpoint
 from pipeline.config import Config, ConfigError, load_config
-from tests.conftest import REPO
+from pipeline.model import VAE
+from tests.conftest import REPO, TINY_MODEL
 
 # --- 1. config values that slipped through ------------------------------------------------------
 
@@ -90,3 +98,171 @@ def test_the_training_command_reports_a_bad_config_file_in_one_line(tmp_path, wh
     assert "Traceback" not in result.stderr
     assert result.stderr.startswith("config error:") and str(path) in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+# --- 2 and 3. damaged checkpoints, checksums ----------------------------------------------------
+
+
+def _tiny_config(data_cache) -> Config:
+    return load_config(None, TINY_MODEL + [f"data.cache_dir={data_cache}", "tracking.enabled=false"])
+
+
+def _save(root, step: int, cfg: Config, seed: int = 0):
+    """A checkpoint as the trainer writes one: real VAE weights, EMA, optimizer state, config."""
+    torch.manual_seed(seed)
+    model = VAE(cfg.model)
+    weights = model.state_dict()
+    names = [n for n, _ in model.named_parameters()]
+    optimizer = PortableOptimizerState({n: {"exp_avg": torch.randn(p.shape), "exp_avg_sq": torch.rand(p.shape)}
+                                        for n, p in model.named_parameters()}, step,
+                                       [{"lr": 1e-3, "params": names}])  # fmt: skip
+    state = {"world_size": 1, "config": cfg.to_dict(), "skipped_updates": 0}
+    return save_checkpoint(root, step, weights, optimizer, state, keep_last=5, ema_state=weights)
+
+
+@pytest.fixture
+def checkpoints(tmp_path, data_cache):
+    """A run directory with complete checkpoints at steps 1 and 2."""
+    cfg = _tiny_config(data_cache)
+    root = tmp_path / "run" / "checkpoints"
+    for step in (1, 2):
+        _save(root, step, cfg, seed=step)
+    return root
+
+
+def _truncate(path):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def _flip_a_byte_in_the_middle(path):
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def test_each_checkpoint_records_the_sha256_of_its_files_written_last(checkpoints):
+    newest = checkpoints / "step_000002"
+    listed = json.loads((newest / ckpt.CHECKSUMS_FILE).read_text())
+    recorded = listed["sha256"]
+    files = {p.name for p in newest.iterdir()} - {ckpt.CHECKSUMS_FILE}
+    assert set(recorded) == files == {"model.safetensors", "ema.safetensors", "optimizer.safetensors", "state.json"}
+    for name, digest in recorded.items():
+        assert hashlib.sha256((newest / name).read_bytes()).hexdigest() == digest
+        assert listed["bytes"][name] == (newest / name).stat().st_size
+    ckpt.verify_checkpoint(newest)
+
+
+def test_a_bit_flip_that_safetensors_still_loads_is_caught_and_the_previous_checkpoint_used(checkpoints, caplog):
+    damaged = checkpoints / "step_000002" / "model.safetensors"
+    _flip_a_byte_in_the_middle(damaged)
+    load_file(damaged)  # the format itself does not notice: only the checksum can
+    with pytest.raises(ckpt.CheckpointError, match="step_000002/model.safetensors.*sha256"):
+        load_checkpoint(checkpoints / "step_000002")
+    with caplog.at_level(logging.WARNING, logger="pipeline.checkpoint"):
+        assert ckpt.newest_valid_checkpoint(checkpoints) == checkpoints / "step_000001"
+    assert "step_000002/model.safetensors" in caplog.text and "step_000001" in caplog.text
+
+
+@pytest.mark.parametrize("damage", ["truncated model", "garbage state.json", "truncated ema", "no optimizer"])
+@pytest.mark.parametrize("checksums", [True, False], ids=["checksummed", "older-without-checksums"])
+def test_a_damaged_newest_checkpoint_is_named_and_skipped(checkpoints, caplog, damage, checksums):
+    newest = checkpoints / "step_000002"
+    if not checksums:
+        for step in checkpoints.iterdir():
+            (step / ckpt.CHECKSUMS_FILE).unlink()
+    file = {"truncated model": "model.safetensors", "garbage state.json": "state.json",
+            "truncated ema": "ema.safetensors", "no optimizer": "optimizer.safetensors"}[damage]  # fmt: skip
+    if damage == "garbage state.json":
+        (newest / file).write_text("{not json")
+    elif damage == "no optimizer":
+        (newest / file).unlink()
+    else:
+        _truncate(newest / file)
+    with pytest.raises(ckpt.CheckpointError, match=f"step_000002/{file}"):
+        ckpt.verify_checkpoint(newest)
+    with caplog.at_level(logging.WARNING, logger="pipeline.checkpoint"):
+        assert ckpt.newest_valid_checkpoint(checkpoints) == checkpoints / "step_000001"
+    assert f"step_000002/{file}" in caplog.text
+
+
+def test_a_checkpoint_without_checksums_still_loads_with_a_note(checkpoints, caplog):
+    older = checkpoints / "step_000002"
+    (older / ckpt.CHECKSUMS_FILE).unlink()
+    with caplog.at_level(logging.INFO, logger="pipeline.checkpoint"):
+        model_state, optimizer_state, state = load_checkpoint(older)
+    assert state["step"] == 2 and optimizer_state.step == 2 and model_state
+    assert "no checksums" in caplog.text
+    assert ckpt.newest_valid_checkpoint(checkpoints) == older
+
+
+def test_when_every_checkpoint_is_damaged_the_run_stops_instead_of_starting_over(checkpoints):
+    for step in checkpoints.iterdir():
+        _truncate(step / "model.safetensors")
+    with pytest.raises(ckpt.CheckpointError) as info:
+        ckpt.newest_valid_checkpoint(checkpoints)
+    assert "step_000001" in str(info.value) and "step_000002" in str(info.value)
+
+
+def test_saving_over_a_damaged_checkpoint_of_the_same_step_keeps_it_aside(checkpoints, data_cache):
+    newest = checkpoints / "step_000002"
+    _truncate(newest / "model.safetensors")
+    damaged_bytes = (newest / "model.safetensors").read_bytes()
+    _save(checkpoints, 2, _tiny_config(data_cache), seed=7)
+    ckpt.verify_checkpoint(newest)  # written anew, not "already saved"
+    aside = [p for p in checkpoints.iterdir() if p.name.startswith("step_000002.damaged")]
+    assert len(aside) == 1 and (aside[0] / "model.safetensors").read_bytes() == damaged_bytes
+    assert [p.name for p in list_checkpoints(checkpoints)] == ["step_000001", "step_000002"]
+
+
+def test_load_ema_checks_its_file(checkpoints):
+    _flip_a_byte_in_the_middle(checkpoints / "step_000002" / "ema.safetensors")
+    with pytest.raises(ckpt.CheckpointError, match="ema.safetensors"):
+        load_ema(checkpoints / "step_000002")
+
+
+def _cli(module: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, cwd=REPO, timeout=300)
+
+
+@pytest.mark.slow
+def test_eval_and_sample_fall_back_past_a_truncated_checkpoint_and_refuse_a_named_one(checkpoints, tmp_path):
+    run_dir = checkpoints.parent
+    _truncate(checkpoints / "step_000002" / "model.safetensors")
+    result = _cli("pipeline.evaluate", str(run_dir), "--iw-samples", "0", "--max-images", "8", "--no-mlflow")
+    assert result.returncode == 0, result.stderr
+    assert "step_000002/model.safetensors" in result.stderr and "SafetensorError" not in result.stderr
+    assert json.loads((run_dir / "eval" / "step_000001-ema" / "report.json").read_text())["step"] == 1
+    result = _cli("pipeline.sample", str(run_dir), "--n", "2", "--temperatures", "1.0", "--out", str(tmp_path / "s.png"))
+    assert result.returncode == 0, result.stderr
+    assert "step_000002/model.safetensors" in result.stderr and (tmp_path / "s.png").exists()
+    # Named explicitly, a damaged checkpoint is an error that names the file, not a fallback.
+    result = _cli("pipeline.evaluate", str(run_dir), "--checkpoint", "step_000002", "--no-mlflow")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "step_000002/model.safetensors" in result.stderr
+    result = _cli("pipeline.sample", str(run_dir), "--checkpoint", str(checkpoints / "step_000002"))
+    assert result.returncode == 2 and "step_000002/model.safetensors" in result.stderr
+
+
+QUICK = ("train.eval_at_start=false", "train.diagnostics=false", "train.final_iw_samples=0", "train.eval_batches=1",
+         "optim.schedule=constant")  # fmt: skip
+
+
+@pytest.mark.slow
+def test_training_resumes_from_the_previous_checkpoint_when_the_newest_is_truncated(tmp_path, launch):
+    run_dir = tmp_path / "run"
+    launch(run_dir, "train.steps=2", "checkpoint.every=1", *QUICK, plain_python=True)
+    checkpoints = run_dir / "checkpoints"
+    _truncate(checkpoints / "step_000002" / "model.safetensors")
+    result = launch(run_dir, "train.steps=2", "checkpoint.every=1", *QUICK, plain_python=True)
+    assert "step_000002/model.safetensors" in result.stderr  # the damage, named in the log
+    assert "resumed from" in result.stderr and "step_000001 (step 1," in result.stderr
+    ckpt.verify_checkpoint(checkpoints / "step_000002")  # step 2 trained again and saved whole
+    assert any(p.name.startswith("step_000002.damaged") for p in checkpoints.iterdir())
+
+    # checkpoint.resume_from naming a damaged checkpoint: an error naming the file, no fallback.
+    _truncate(checkpoints / "step_000002" / "optimizer.safetensors")
+    result = launch(tmp_path / "other", "train.steps=3", f"checkpoint.resume_from={checkpoints / 'step_000002'}",
+                    *QUICK, plain_python=True, expect_failure=True)  # fmt: skip
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "checkpoint.resume_from" in result.stderr and "step_000002/optimizer.safetensors" in result.stderr
