@@ -10,6 +10,7 @@ import json
 import logging
 import subprocess
 import sys
+import textwrap
 import typing
 
 import pytest
@@ -266,3 +267,74 @@ def test_training_resumes_from_the_previous_checkpoint_when_the_newest_is_trunca
                     *QUICK, plain_python=True, expect_failure=True)  # fmt: skip
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert "checkpoint.resume_from" in result.stderr and "step_000002/optimizer.safetensors" in result.stderr
+
+
+# --- 4. the encoder's config is checked against its weights file before anything is allocated ---
+
+
+@pytest.fixture
+def exported_encoder(tmp_path, data_cache):
+    from pipeline import Encoder
+
+    torch.manual_seed(0)
+    vae = VAE(_tiny_config(data_cache).model).eval()
+    Encoder.from_vae(vae).save_pretrained(tmp_path / "encoder")
+    return tmp_path / "encoder", vae
+
+
+def _edit_config(directory, **model):
+    path = directory / "config.json"
+    config = json.loads(path.read_text())
+    config["model"].update(model)
+    path.write_text(json.dumps(config))
+
+
+def test_a_pretrained_encoder_still_loads_and_matches(exported_encoder):
+    from pipeline import Encoder
+
+    directory, vae = exported_encoder
+    images = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
+    loaded = Encoder.from_pretrained(directory)
+    assert all(torch.equal(a, b) for a, b in zip(loaded(images), Encoder.from_vae(vae).eval()(images)))
+
+
+def test_an_encoder_config_with_a_huge_width_fails_fast_without_allocating(exported_encoder):
+    """Width 100000: about 455 billion parameters. Run in a process whose address space is capped
+    at 3 GB beyond what it holds after its imports, so building the model for real fails at once
+    (instead of eating the machine's memory); checking the config against the weights' header
+    must not come near that."""
+    directory, _ = exported_encoder
+    _edit_config(directory, width=100000)
+    script = textwrap.dedent(f"""
+        import resource, time
+        import torch
+        from pipeline import Encoder
+        size = next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmSize')) * 1024
+        resource.setrlimit(resource.RLIMIT_AS, (size + 3 * 2**30, resource.RLIM_INFINITY))
+        start = time.perf_counter()
+        try:
+            Encoder.from_pretrained({str(directory)!r})
+        except Exception as err:
+            print(type(err).__name__, err)
+        print('seconds', time.perf_counter() - start)
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert result.returncode == 0, result.stderr
+    message, seconds = result.stdout.strip().rsplit("\n", 1)
+    assert float(seconds.split()[1]) < 30, result.stdout
+    assert message.startswith("ValueError"), message
+    for text in ("config.json", "encoder.safetensors", "bottom_up.stem.weight", "[100000, 3, 3, 3]", "[16, 3, 3, 3]"):
+        assert text in message, message
+
+
+def test_an_encoder_config_that_differs_in_architecture_names_the_first_differing_tensor(exported_encoder):
+    from pipeline import Encoder
+
+    directory, _ = exported_encoder
+    _edit_config(directory, latent_channels=6)
+    with pytest.raises(ValueError) as info:
+        Encoder.from_pretrained(directory)
+    assert "[12, 4, 1, 1]" in str(info.value) and "[8, 4, 1, 1]" in str(info.value), info.value
+    _edit_config(directory, latent_channels=4, encoder_blocks="32x2,32d2,16x1,16d2,8x1,8d2,4x1")
+    with pytest.raises(ValueError, match="bottom_up.blocks.7.*not in encoder.safetensors"):
+        Encoder.from_pretrained(directory)
