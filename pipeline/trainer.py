@@ -45,9 +45,9 @@ from pipeline.images import sample_and_reconstruction_grid
 from pipeline.model import VAE
 from pipeline.model.noise import StepNoise
 from pipeline.objective import kl_warmup_weight
-from pipeline.runs import checkpoint_to_resume, resolve_data_urls, resolve_input_statistics
+from pipeline.runs import check_shards_fit_model, checkpoint_to_resume, resolve_data_urls, resolve_input_statistics
 from pipeline.tracking import Tracker
-from pipeline.updates import UpdateGuard
+from pipeline.updates import TrainingStalled, UpdateGuard
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +73,7 @@ class Trainer:
 
         self.checkpoint = self._find_checkpoint()
         train_urls, eval_urls = self._data_urls()
+        check_shards_fit_model(cfg, train_urls, eval_urls)
         self.cfg = cfg = self._model_statistics(cfg, train_urls)
         # The same seed on every rank: identical initial weights, and identical generator states
         # from which each rank takes its slice of the step's latent noise (model/noise.py).

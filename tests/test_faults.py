@@ -18,10 +18,13 @@ import torch
 from safetensors.torch import load_file
 
 from pipeline import checkpoint as ckpt
+from pipeline import runs
 from pipeline.checkpoint import PortableOptimizerState, list_checkpoints, load_checkpoint, load_ema, save_checkpoint
 from pipeline.config import Config, ConfigError, load_config
+from pipeline.data.shards import main as write_shards
+from pipeline.data.streams import DataError
 from pipeline.model import VAE
-from tests.conftest import REPO, TINY_MODEL
+from tests.conftest import FASHION_MNIST, REPO, TINY_MODEL
 
 # --- 1. config values that slipped through ------------------------------------------------------
 
@@ -338,3 +341,54 @@ def test_an_encoder_config_that_differs_in_architecture_names_the_first_differin
     _edit_config(directory, latent_channels=4, encoder_blocks="32x2,32d2,16x1,16d2,8x1,8d2,4x1")
     with pytest.raises(ValueError, match="bottom_up.blocks.7.*not in encoder.safetensors"):
         Encoder.from_pretrained(directory)
+
+
+# --- 5. the shards' image size and channels against the model, at start --------------------------
+
+
+@pytest.fixture(scope="module")
+def fashion_shards(tmp_path_factory):
+    """Fashion-MNIST shards at 28x28 and at 32x32, grayscale, each with a manifest."""
+    root = tmp_path_factory.mktemp("fmnist")
+    out = {}
+    for name, extra in (("28", []), ("32", ["--resolution", "32"])):
+        assert write_shards([str(FASHION_MNIST / "t10k-images-idx3-ubyte.gz"), str(root / name), "--samples-per-shard",
+                             "16", "--limit", "32", "--heldout-fraction", "0.5", *extra]) == 0  # fmt: skip
+        out[name] = root / name / "manifest.json"
+    return out
+
+
+def _fit(*overrides: str, manifest) -> None:
+    cfg = load_config(None, TINY_MODEL + list(overrides))
+    runs.check_shards_fit_model(cfg, f"{manifest}#train", f"{manifest}#heldout")
+
+
+def test_28x28_grayscale_shards_into_a_32x32_rgb_model_are_refused_naming_both(fashion_shards):
+    with pytest.raises(DataError) as info:
+        _fit(manifest=fashion_shards["28"])
+    for text in (str(fashion_shards["28"]), "28x28", "1 channel", "model.resolution=32", "model.channels=3"):
+        assert text in str(info.value), info.value
+
+
+def test_grayscale_shards_into_an_rgb_model_only_when_asked(fashion_shards):
+    with pytest.raises(DataError, match="data.grayscale_to_rgb"):
+        _fit(manifest=fashion_shards["32"])
+    _fit("data.grayscale_to_rgb=true", manifest=fashion_shards["32"])
+    _fit("model.channels=1", manifest=fashion_shards["32"])
+
+
+def test_rgb_shards_into_a_grayscale_model_are_refused(builtin_urls):
+    cfg = load_config(None, TINY_MODEL + ["model.channels=1"])
+    with pytest.raises(DataError, match="3 channels.*model.channels=1"):
+        runs.check_shards_fit_model(cfg, *builtin_urls)  # shard patterns: the manifest beside them is found
+    runs.check_shards_fit_model(load_config(None, TINY_MODEL), *builtin_urls)
+
+
+@pytest.mark.slow
+def test_training_on_shards_of_another_size_stops_at_start_with_a_data_error(tmp_path, launch, fashion_shards):
+    manifest = fashion_shards["28"]
+    result = launch(tmp_path / "run", f"data.train_urls={manifest}#train", f"data.eval_urls={manifest}#heldout",
+                    "train.steps=1", *QUICK, plain_python=True, expect_failure=True)  # fmt: skip
+    assert result.returncode == 3, result.stderr[-3000:]
+    assert "KeyError" not in result.stderr and "Traceback" not in result.stderr
+    assert "data error:" in result.stderr and "28x28" in result.stderr and "model.resolution=32" in result.stderr
