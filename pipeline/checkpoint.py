@@ -8,31 +8,50 @@
                                 same file whatever strategy (DDP, ZeRO-2/3) and number of
                                 processes wrote it, so any of them can resume it
         state.json              step, data position and RNG per rank, scheduler, config, ...
+        checksums.json          the sha256 of each file above, written last
 
 A checkpoint is written into a hidden temporary directory, every file fsync'ed, then renamed
 into place: a crash or a kill at any moment leaves either the previous checkpoints or the new
 one, never half of one. Only then are checkpoints beyond the newest ``keep_last`` deleted.
+
+What the rename cannot prevent is damage afterwards: a full disk or a copy that stopped half
+way (a truncated file), a flipped bit. Every load therefore checks the files against
+``checksums.json`` first (``verify_checkpoint``), and the run directory's checkpoint to resume
+or evaluate is the newest one that passes (``newest_valid_checkpoint``): a damaged one is named,
+file by file, in the log and skipped, never loaded, never deleted. Checkpoints written before
+checksums were recorded still load, after a check of their files' headers.
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
+import logging
 import os
 import random
 import re
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
+
+log = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = re.compile(r"^step_(\d{6,})$")
 MODEL_FILE, EMA_FILE, OPTIMIZER_FILE, STATE_FILE = "model.safetensors", "ema.safetensors", "optimizer.safetensors", "state.json"
+CHECKSUMS_FILE = "checksums.json"
+REQUIRED_FILES = (MODEL_FILE, OPTIMIZER_FILE, STATE_FILE)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is damaged or incomplete; the message names the file and what is wrong."""
 
 
 def checkpoint_name(step: int) -> str:
@@ -40,7 +59,8 @@ def checkpoint_name(step: int) -> str:
 
 
 def list_checkpoints(root: str | Path) -> list[Path]:
-    """Complete checkpoints under ``root``, oldest first."""
+    """Checkpoints under ``root`` (directories ``step_N`` with a ``state.json``), oldest first; not
+    yet verified: ``newest_valid_checkpoint`` is the one to resume or evaluate."""
     root = Path(root)
     if not root.is_dir():
         return []
@@ -49,6 +69,7 @@ def list_checkpoints(root: str | Path) -> list[Path]:
 
 
 def latest_checkpoint(root: str | Path) -> Path | None:
+    """The newest checkpoint directory, unverified (to load one: ``newest_valid_checkpoint``)."""
     found = list_checkpoints(root)
     return found[-1] if found else None
 
@@ -96,9 +117,12 @@ def _save_optimizer(portable: PortableOptimizerState, path: Path) -> None:
 
 
 def _load_optimizer(path: Path, names: list[str] | None) -> PortableOptimizerState:
-    flat = load_file(path)
-    with safe_open(path, "pt") as f:
-        rest = json.loads(f.metadata()["rest"])
+    flat = _load_tensors(path)
+    try:
+        with safe_open(path, "pt") as f:
+            rest = json.loads(f.metadata()["rest"])
+    except (SafetensorError, KeyError, TypeError, ValueError) as err:
+        raise CheckpointError(f"{path}: no readable optimizer metadata ({type(err).__name__}: {err})") from None
     if rest.get("format", 1) == 1:  # torch's positions: the model's parameter order gives the names
         if names is None:
             raise ValueError(f"{path} keys optimizer state by parameter position; the parameter names are needed")
@@ -170,7 +194,14 @@ def save_checkpoint(
     root.mkdir(parents=True, exist_ok=True)
     final = root / checkpoint_name(step)
     if (final / STATE_FILE).exists():
-        return final  # this step is already saved (e.g. periodic save, then the final one)
+        try:
+            verify_checkpoint(final)
+            return final  # this step is already saved (e.g. periodic save, then the final one)
+        except CheckpointError as err:
+            # A resumed run that fell back past this damaged checkpoint has reached its step
+            # again. Keep the damaged one aside (for whoever wants to look) rather than delete it.
+            aside = _set_aside(final)
+            log.warning("%s; replacing it with the new one, the damaged one kept as %s", err, aside)
     tmp = root / f".tmp-{checkpoint_name(step)}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
@@ -179,13 +210,20 @@ def save_checkpoint(
         save_file({k: v.detach().contiguous().cpu() for k, v in ema_state.items()}, tmp / EMA_FILE, metadata=model_metadata)
     _save_optimizer(optimizer_state, tmp / OPTIMIZER_FILE)
     (tmp / STATE_FILE).write_text(json.dumps({"step": step, **state}, indent=1) + "\n")
+    # Hashed by reading back what was just written (from the page cache): safetensors writes its
+    # files itself, and serialising to bytes first to hash them on the way was slower (README).
+    files = sorted(tmp.iterdir())
+    checksums = {"sha256": {f.name: _sha256(f) for f in files}, "bytes": {f.name: f.stat().st_size for f in files}}
+    (tmp / CHECKSUMS_FILE).write_text(json.dumps(checksums, indent=1) + "\n")
     for f in tmp.iterdir():
         _fsync(f)
     if final.exists():  # an incomplete leftover (no state.json) from a crash
         shutil.rmtree(final)
     os.rename(tmp, final)
     _fsync(root)
-    for old in list_checkpoints(root)[:-keep_last]:
+    # A checkpoint newer than this one can only be a damaged one that the run fell back past: it
+    # must not count toward keep_last, or it could push the whole ones out.
+    for old in [p for p in list_checkpoints(root) if int(CHECKPOINT_DIR.match(p.name)[1]) <= step][:-keep_last]:
         # Rename first: a kill during rmtree must not leave a half-deleted "checkpoint".
         trash = root / f".tmp-{old.name}-trash"
         os.rename(old, trash)
@@ -194,21 +232,173 @@ def save_checkpoint(
 
 
 def load_ema(path: str | Path) -> dict[str, torch.Tensor] | None:
-    """The averaged weights of a checkpoint, if it has them."""
+    """The averaged weights of a checkpoint, if it has them (the checkpoint verified first)."""
     file = Path(path) / EMA_FILE
-    return load_file(file) if file.exists() else None
+    if not file.exists():
+        return None
+    verify_checkpoint(path)
+    return _load_tensors(file)
 
 
 def load_checkpoint(
     path: str | Path, parameter_names: list[str] | None = None
 ) -> tuple[dict[str, torch.Tensor], PortableOptimizerState, dict[str, Any]]:
-    """Returns (model weights, optimizer state by parameter name, state.json contents).
+    """Returns (model weights, optimizer state by parameter name, state.json contents), after
+    ``verify_checkpoint``: a damaged file raises CheckpointError naming it.
     ``parameter_names`` (the model's, in order) are needed only for checkpoints written before
     the optimizer state was keyed by name."""
     path = Path(path)
-    model_state = load_file(path / MODEL_FILE)
-    state = json.loads((path / STATE_FILE).read_text())
+    state = verify_checkpoint(path)
+    model_state = _load_tensors(path / MODEL_FILE)
     return model_state, _load_optimizer(path / OPTIMIZER_FILE, parameter_names), state
+
+
+def _load_tensors(file: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(file)
+    except (SafetensorError, OSError) as err:  # safetensors' own message names no file
+        raise CheckpointError(f"{file}: not a readable safetensors file ({err})") from None
+
+
+# --- verification ------------------------------------------------------------------------------
+
+
+def _sha256(file: Path) -> str:
+    digest = hashlib.sha256()
+    buffer = memoryview(bytearray(1 << 20))
+    with open(file, "rb", buffering=0) as f:
+        while n := f.readinto(buffer):
+            digest.update(buffer[:n])
+    return digest.hexdigest()
+
+
+# Checkpoints this process has verified, with their files' (name, size, mtime, inode) then: the
+# trainer verifies a checkpoint when it picks it and again when it loads it, and hashing a large
+# one twice in a row would only cost time. Rewriting a file changes its entry, unless the rewrite
+# falls in the same tick of the file system's clock as the last write before the verification
+# ("racy git"): files modified less than RACY_NS before the verification are hashed every time.
+RACY_NS = 2_000_000_000
+_verified: dict[Path, tuple[tuple[tuple[str, int, int, int], ...], int]] = {}
+
+
+def _signature(path: Path) -> tuple[tuple[str, int, int, int], ...]:
+    return tuple(sorted((f.name, (st := f.stat()).st_size, st.st_mtime_ns, st.st_ino) for f in path.iterdir()))
+
+
+def _verified_before(path: Path) -> bool:
+    known = _verified.get(path.resolve())
+    if known is None:
+        return False
+    signature, verified_at = known
+    return signature == _signature(path) and max(mtime for _, _, mtime, _ in signature) < verified_at - RACY_NS
+
+
+def verify_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Check a checkpoint directory before anything is loaded from it; returns its state.json.
+
+    With ``checksums.json`` (written last by ``save_checkpoint``): every file it lists must be
+    there with the recorded sha256. Without (a checkpoint written before checksums were
+    recorded): the safetensors files' headers must be whole, which catches truncation but not a
+    flipped bit. Either way ``state.json`` must parse. Raises CheckpointError naming the file.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a checkpoint directory")
+    if not _verified_before(path):
+        verified_at = time.time_ns()
+        if (path / CHECKSUMS_FILE).exists():
+            _check_sums(path)
+        else:
+            log.info("%s has no checksums (written before they were recorded): only its files' headers checked", path)
+            _check_headers(path)
+        _verified[path.resolve()] = (_signature(path), verified_at)
+    return _read_state(path / STATE_FILE)
+
+
+def _check_sums(path: Path) -> None:
+    listing = path / CHECKSUMS_FILE
+    try:
+        listed = json.loads(listing.read_text())
+        recorded, sizes = listed["sha256"], listed.get("bytes", {})
+        if not isinstance(recorded, dict) or not isinstance(sizes, dict):
+            raise TypeError("'sha256' or 'bytes' is not a mapping")
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{listing}: unreadable ({type(err).__name__}: {err})") from None
+    for name in REQUIRED_FILES:
+        if name not in recorded:
+            raise CheckpointError(f"{listing}: does not list {name}")
+    for name, expected in recorded.items():
+        file = path / name
+        if not file.is_file():
+            raise CheckpointError(f"{file}: missing (checksums.json lists it)")
+        size = file.stat().st_size
+        if name in sizes and size != sizes[name]:  # no need to hash a truncated file
+            raise CheckpointError(f"{file}: damaged, {size} bytes where {sizes[name]} were written (truncated?)")
+        actual = _sha256(file)
+        if actual != expected:
+            raise CheckpointError(f"{file}: damaged, its sha256 {actual[:16]}... differs from the {expected[:16]}... "
+                                  "recorded when it was written")  # fmt: skip
+
+
+def _check_headers(path: Path) -> None:
+    for name in (MODEL_FILE, OPTIMIZER_FILE, EMA_FILE):
+        file = path / name
+        if not file.exists():
+            if name == EMA_FILE:
+                continue
+            raise CheckpointError(f"{file}: missing")
+        try:
+            with safe_open(file, "pt") as f:  # reads the header; checks it covers the file exactly
+                f.keys()
+        except (SafetensorError, OSError) as err:
+            raise CheckpointError(f"{file}: not a readable safetensors file ({err})") from None
+
+
+def _read_state(file: Path) -> dict[str, Any]:
+    try:
+        state = json.loads(file.read_text())
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{file}: unreadable ({type(err).__name__}: {err})") from None
+    if not (isinstance(state, dict) and isinstance(state.get("step"), int) and isinstance(state.get("config"), dict)):
+        raise CheckpointError(f"{file}: not a checkpoint's state (no integer 'step' and 'config' mapping)")
+    return state
+
+
+def newest_valid_checkpoint(root: str | Path) -> Path | None:
+    """The newest checkpoint under ``root`` that passes ``verify_checkpoint``: what a rerun
+    resumes, and what pipeline-eval and pipeline-sample use by default. Each damaged one on the
+    way is named in a warning and left where it is. None when there is no checkpoint at all;
+    CheckpointError when there are some but every one is damaged (starting over would write
+    new checkpoints beside them and hide the loss)."""
+    damaged = []
+    for path in reversed(list_checkpoints(root)):
+        try:
+            verify_checkpoint(path)
+        except CheckpointError as err:
+            log.warning("skipping damaged checkpoint %s: %s", path.name, err)
+            damaged.append(str(err))
+            continue
+        if damaged:
+            log.warning("using %s, the newest checkpoint that is whole (%d newer one(s) damaged, see above)",
+                        path, len(damaged))  # fmt: skip
+        return path
+    if damaged:
+        raise CheckpointError(f"every checkpoint in {root} is damaged: " + "; ".join(damaged)
+                              + ". Move them away to start over")  # fmt: skip
+    return None
+
+
+def _set_aside(path: Path) -> Path:
+    """Rename a damaged checkpoint out of the ``step_N`` pattern: neither listed nor pruned."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    aside = path.with_name(f"{path.name}.damaged-{stamp}")
+    n = 1
+    while aside.exists():
+        n += 1
+        aside = path.with_name(f"{path.name}.damaged-{stamp}-{n}")
+    os.rename(path, aside)
+    _verified.pop(path.resolve(), None)
+    return aside
 
 
 def remove_stale_temporaries(root: str | Path) -> None:

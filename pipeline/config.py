@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import types
 import typing
@@ -46,6 +47,11 @@ class DataConfig:
     divided by (processes x batch size)."""
     hflip: bool = False
     """Mirror training images left-right at random (a fixed draw per epoch and sample)."""
+    grayscale_to_rgb: bool = False
+    """Feed grayscale shards (their manifest says ``channels: 1``) to an RGB model
+    (``model.channels=3``) by repeating the gray value in each channel. Off: such a run is
+    refused at start, since it usually means the wrong shards or the wrong ``model.channels``
+    (``pipeline.runs.check_shards_fit_model``)."""
     allow_pipe: bool = False
     """Allow ``pipe:`` URLs, which run shell commands taken from the config."""
     http_retries: int = 3
@@ -288,6 +294,10 @@ class TrainConfig:
     returns would turn the log into one endless line."""
 
     def __post_init__(self) -> None:
+        if not self.run_dir.strip():
+            # Path("") is the working directory: checkpoints, mlflow.db and exports would land there.
+            raise ConfigError("train.run_dir: must not be empty (every output of the run goes there); "
+                              "give a directory, e.g. runs/my-run")
         _check_positive(self, "steps", "grad_accum_steps", "log_every", "eval_every", "image_every",
                         "collective_timeout", "progress_every")  # fmt: skip
         _check_non_negative(self, "eval_batches", "final_iw_samples")
@@ -419,18 +429,35 @@ def _coerce(path: str, value: Any, annotation: Any) -> Any:
         if value not in choices:
             raise ConfigError(f"{path}: got {value!r}, allowed values: {', '.join(map(repr, choices))}")
         return value
-    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if annotation is float and isinstance(value, str):
-        # PyYAML follows YAML 1.1, which reads `1e-3` (no dot) as a string.
-        try:
-            return float(value)
-        except ValueError:
-            pass
+    if annotation is float:
+        return _finite_float(path, value)
     # bool is a subclass of int; `steps: true` must not pass as 1.
     if isinstance(value, annotation) and not (annotation is int and isinstance(value, bool)):
         return value
     raise ConfigError(f"{path}: expected {annotation.__name__}, got {type(value).__name__} {value!r}")
+
+
+def _finite_float(path: str, value: Any) -> float:
+    """Every float field goes through here: NaN and infinity are refused, since no knob means
+    anything with them and each range check (``x <= 0``, ...) is False for NaN, so it would slip
+    through to the optimizer or the loader."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{path}: expected float, got bool {value!r}")
+    if isinstance(value, str):
+        # PyYAML follows YAML 1.1, which reads `1e-3` (no dot) as a string.
+        try:
+            value = float(value)
+        except ValueError:
+            raise ConfigError(f"{path}: expected float, got str {value!r}") from None
+    if not isinstance(value, (int, float)):
+        raise ConfigError(f"{path}: expected float, got {type(value).__name__} {value!r}")
+    try:
+        value = float(value)
+    except OverflowError:  # an int beyond the float range
+        value = math.inf
+    if not math.isfinite(value):
+        raise ConfigError(f"{path}: must be a finite number, got {value}")
+    return value
 
 
 def _build(cls: type, values: dict[str, Any], path: str) -> Any:
@@ -466,15 +493,42 @@ def parse_override(text: str) -> tuple[str, Any]:
     key, sep, raw = text.partition("=")
     if not sep or not key:
         raise ConfigError(f"override '{text}': expected dotted.key=value, e.g. train.steps=200")
-    return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
+    try:
+        return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override '{text}': the value is not valid YAML ({_one_line(err)})") from None
+
+
+def _one_line(err: Exception) -> str:
+    return " ".join(str(err).split())
+
+
+def _read_yaml(path: str | Path) -> Any:
+    """The parsed file; a missing or unreadable file, or malformed YAML, is a ConfigError naming
+    the file (and the line), not a traceback."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return yaml.safe_load(f)
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a directory, not a YAML config file (e.g. configs/quickstart.yaml)") from None
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not a UTF-8 text file ({err.reason} at byte {err.start})") from None
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot be read ({err.strerror or err})") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or _one_line(err)
+        raise ConfigError(f"{path}: not valid YAML{where}: {problem}") from None
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Read a YAML config, apply dotted overrides, validate everything, return the tree."""
     tree: dict[str, Any] = {}
     if path is not None:
-        with open(path) as f:
-            loaded = yaml.safe_load(f) or {}
+        loaded = _read_yaml(path) or {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
         tree = loaded

@@ -17,6 +17,7 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -68,8 +69,37 @@ class Encoder(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> "Encoder":
+        """The encoder saved in ``directory`` by ``save_pretrained``, in eval mode on ``device``.
+
+        ``config.json`` is not trusted to fit the weights: the module is first built on the meta
+        device (shapes, no memory) and every tensor's shape compared with the weights file's
+        header, so a config that does not fit (say a width of 100000, ~1.8 TB of float32) fails
+        at once with a ValueError naming the first differing tensor, before anything is allocated.
+        """
         directory = Path(directory)
         model_cfg = config_from_dict(json.loads((directory / CONFIG_NAME).read_text())).model
-        encoder = cls(model_cfg)
+        with torch.device("meta"):
+            expected = {k: tuple(v.shape) for k, v in cls(model_cfg).state_dict().items()}
+        check_weights_fit(expected, directory / WEIGHTS_NAME, directory / CONFIG_NAME)
+        with torch.device(device):
+            encoder = cls(model_cfg)
         encoder.load_state_dict(load_file(directory / WEIGHTS_NAME, device=str(device)), strict=True)
-        return encoder.to(device).eval()
+        return encoder.eval()
+
+
+def check_weights_fit(expected: dict[str, tuple[int, ...]], weights: Path, config: Path) -> None:
+    """Compare the shapes a config builds (``expected``) with a safetensors file's header (read
+    alone, no tensor data); ValueError naming the first tensor that differs, is missing or is extra."""
+    with safe_open(weights, "pt") as f:
+        stored = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    for name, shape in expected.items():
+        if name not in stored:
+            raise ValueError(f"{config} does not fit {weights}: the config builds tensor {name!r} {list(shape)}, "
+                             f"which is not in {weights.name}")  # fmt: skip
+        if stored[name] != shape:
+            raise ValueError(f"{config} does not fit {weights}: tensor {name!r} is {list(shape)} by {config.name} "
+                             f"and {list(stored[name])} in {weights.name}")  # fmt: skip
+    extra = [name for name in stored if name not in expected]
+    if extra:
+        raise ValueError(f"{config} does not fit {weights}: {weights.name} holds tensor {extra[0]!r} "
+                         f"{list(stored[extra[0]])}, which the config does not build ({len(extra)} such)")  # fmt: skip

@@ -202,15 +202,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
+    from pipeline.checkpoint import CheckpointError
+    from pipeline.data.streams import DataError
     from pipeline.runs import heldout_loader, load_trained, resolve_data_urls
 
     try:
         model, cfg, state, path = load_trained(args.run_dir, args.checkpoint, args.weights)
-    except FileNotFoundError as err:
+        eval_urls = args.eval_urls or resolve_data_urls(cfg)[1]
+        loader = heldout_loader(cfg, args.batch_size or cfg.data.batch_size, eval_urls)
+    except (FileNotFoundError, CheckpointError, DataError) as err:
         print(f"pipeline-eval: {err}", file=sys.stderr)
         return 2
-    eval_urls = args.eval_urls or resolve_data_urls(cfg)[1]
-    loader = heldout_loader(cfg, args.batch_size or cfg.data.batch_size, eval_urls)
     torch.manual_seed(args.seed)
     report = evaluate(model, loader, iw_samples=args.iw_samples, max_images=args.max_images)
     report = {"checkpoint": str(path), "step": state["step"], "weights": args.weights, "data": eval_urls, **report}

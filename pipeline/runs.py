@@ -1,5 +1,6 @@
-"""A run's wiring outside the training loop: where its data is, and what its checkpoints hold
-as a ready model (for pipeline-eval and pipeline-sample as much as for the trainer)."""
+"""A run's wiring outside the training loop: where its data is, whether it fits the model, which
+checkpoint to start from, and what its checkpoints hold as a ready model (for pipeline-eval and
+pipeline-sample as much as for the trainer)."""
 
 from __future__ import annotations
 
@@ -12,12 +13,19 @@ from typing import Any
 import torch
 import webdataset as wds
 
-from pipeline.checkpoint import latest_checkpoint, load_checkpoint, load_ema
+from pipeline.checkpoint import (
+    STATE_FILE,
+    CheckpointError,
+    load_checkpoint,
+    load_ema,
+    newest_valid_checkpoint,
+    verify_checkpoint,
+)
 from pipeline.config import Config, config_from_dict
 from pipeline.data.builtin import ensure_builtin_dataset
 from pipeline.data.loader import make_loader
 from pipeline.data.shards import MANIFEST_NAME, pooled_pixel_statistics
-from pipeline.data.streams import StreamOptions, read_json
+from pipeline.data.streams import DataError, StreamOptions, read_json
 from pipeline.model import VAE
 
 log = logging.getLogger(__name__)
@@ -51,7 +59,8 @@ def resolve_input_statistics(cfg: Config, train_urls: str | list[str]) -> Config
     model = cfg.model
     if not model.standardize_input or model.input_mean:
         return cfg
-    splits = _training_manifest_splits(train_urls, StreamOptions.from_config(cfg.data))
+    manifests = _manifest_splits(train_urls, StreamOptions.from_config(cfg.data))
+    splits = {where: entry for where, (_, entry) in manifests.items()}
     with_stats = [entry["pixel_stats"] for entry in splits.values() if "pixel_stats" in entry]
     without = [name for name, entry in splits.items() if "pixel_stats" not in entry]
     if with_stats:
@@ -69,17 +78,64 @@ def resolve_input_statistics(cfg: Config, train_urls: str | list[str]) -> Config
     return dataclasses.replace(cfg, model=dataclasses.replace(model, input_mean=mean, input_std=std))
 
 
-def _training_manifest_splits(train_urls: str | list[str], options: StreamOptions) -> dict[str, dict[str, Any]]:
-    """``{"<manifest url>#<split>": split entry}`` for every manifest split the URLs read."""
-    found: dict[str, dict[str, Any]] = {}
-    for spec in [train_urls] if isinstance(train_urls, str) else train_urls:
+def check_shards_fit_model(cfg: Config, *urls: str | list[str]) -> None:
+    """Refuse, at start, shards whose manifest says their images do not fit the model.
+
+    Without this, 28x28 shards into a 32x32 model end in a KeyError deep in the model after the
+    start-up work, and grayscale shards into an RGB model train on silently converted images
+    (RGB into a grayscale model: silently averaged). The manifests are found as for
+    ``resolve_input_statistics``; shards without one, or a manifest without ``image_size`` /
+    ``channels``, are not checked. Grayscale into RGB passes when ``data.grayscale_to_rgb`` asks
+    for it. Raises DataError naming the manifest, its images and the model's.
+    """
+    model, options = cfg.model, StreamOptions.from_config(cfg.data)
+    checked: set[str] = set()
+    for spec in urls:
+        for where, (manifest, _) in _manifest_splits(spec, options).items():
+            url = where.partition("#")[0]
+            if url in checked:
+                continue
+            checked.add(url)
+            size, channels = manifest.get("image_size"), manifest.get("channels")
+            if size is None or channels is None:
+                log.debug("%s records no image size or channels: not checked against the model", url)
+                continue
+            height, width = (size, size) if isinstance(size, int) else size
+            fits_size = height == width == model.resolution
+            fits_channels = channels == model.channels or (channels == 1 and cfg.data.grayscale_to_rgb)
+            if fits_size and fits_channels:
+                continue
+            hints = []
+            if not fits_size:
+                hints.append(f"write shards at {model.resolution}x{model.resolution} (pipeline-shards --resolution "
+                             f"{model.resolution}) or set model.resolution and the block strings to fit")  # fmt: skip
+            if channels == 1 and model.channels == 3:
+                hints.append("set data.grayscale_to_rgb=true to repeat the gray channel, or model.channels=1")
+            elif channels == 3 and model.channels == 1:
+                hints.append("write grayscale shards (pipeline-shards --channels 1) or set model.channels=3")
+            raise DataError(
+                f"{url}: its images are {height}x{width} with {_channels(channels)}, the model takes "
+                f"{model.resolution}x{model.resolution} with {_channels(model.channels)} "
+                f"(model.resolution={model.resolution}, model.channels={model.channels}): " + "; ".join(hints)
+            )
+
+
+def _channels(n: int) -> str:
+    return "1 channel (grayscale)" if n == 1 else f"{n} channels (RGB)"
+
+
+def _manifest_splits(urls: str | list[str], options: StreamOptions) -> dict[str, tuple[dict[str, Any], dict[str, Any]]]:
+    """``{"<manifest url>#<split>": (manifest, split entry)}`` for every manifest split the URLs read."""
+    found: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {}
+    for spec in [urls] if isinstance(urls, str) else urls:
         url, _, split = spec.partition("#")
         if PurePosixPath(url).name == MANIFEST_NAME:
-            splits = (_read_manifest(url, options) or {}).get("splits", {})
+            manifest = _read_manifest(url, options) or {}
+            splits = manifest.get("splits", {})
             # As the loader picks it: the named split, else "train", else the only one.
             name = split or ("train" if "train" in splits else next(iter(splits)) if len(splits) == 1 else "")
             if name in splits:
-                found[f"{url}#{name}"] = splits[name]
+                found[f"{url}#{name}"] = manifest, splits[name]
             continue
         shards_by_dir: dict[str, set[str]] = {}
         for shard in wds.shardlists.expand_urls(spec):
@@ -87,10 +143,10 @@ def _training_manifest_splits(train_urls: str | list[str], options: StreamOption
                 head, _, name = shard.rpartition("/")
                 shards_by_dir.setdefault(head + "/" if head else "", set()).add(name)
         for base, names in shards_by_dir.items():
-            splits = (_read_manifest(base + MANIFEST_NAME, options) or {}).get("splits", {})
-            for name, entry in splits.items():
+            manifest = _read_manifest(base + MANIFEST_NAME, options) or {}
+            for name, entry in manifest.get("splits", {}).items():
                 if names & {s["name"] for s in entry["shards"]}:
-                    found[f"{base}{MANIFEST_NAME}#{name}"] = entry
+                    found[f"{base}{MANIFEST_NAME}#{name}"] = manifest, entry
     return found
 
 
@@ -102,22 +158,47 @@ def _read_manifest(url: str, options: StreamOptions) -> dict[str, Any] | None:
 
 
 def heldout_loader(cfg: Config, batch_size: int, urls: str | list[str] | None = None) -> torch.utils.data.DataLoader:
-    """The run's held-out shards (or ``urls``) in order, with the run's stream settings."""
-    loader, _ = make_loader(urls or resolve_data_urls(cfg)[1], batch_size=batch_size, train=False,
+    """The run's held-out shards (or ``urls``) in order, with the run's stream settings; DataError
+    when their manifest says they do not fit the model (``check_shards_fit_model``)."""
+    urls = urls or resolve_data_urls(cfg)[1]
+    check_shards_fit_model(cfg, urls)
+    loader, _ = make_loader(urls, batch_size=batch_size, train=False,
                             channels=cfg.model.channels, options=StreamOptions.from_config(cfg.data))  # fmt: skip
     return loader
+
+
+def checkpoint_to_resume(cfg: Config) -> Path | None:
+    """The checkpoint a training run starts from: the run directory's newest whole one (damaged
+    newer ones are named in the log and skipped), else ``checkpoint.resume_from``, else None.
+
+    ``checkpoint.resume_from`` names one checkpoint on purpose: damaged, it is an error naming the
+    file, not a silent fall back to another. So is a run directory whose every checkpoint is
+    damaged (CheckpointError either way)."""
+    own = newest_valid_checkpoint(Path(cfg.train.run_dir) / "checkpoints")
+    if own is not None or not cfg.checkpoint.resume_from:
+        return own
+    path = Path(cfg.checkpoint.resume_from)
+    if not (path / STATE_FILE).is_file():
+        raise CheckpointError(f"checkpoint.resume_from={path}: not a complete checkpoint directory (no {STATE_FILE})")
+    try:
+        verify_checkpoint(path)
+    except CheckpointError as err:
+        raise CheckpointError(f"checkpoint.resume_from={path}: {err}") from None
+    return path
 
 
 def load_trained(run_dir: Path, checkpoint: str | None = None, weights: str = "ema") -> tuple[VAE, Config, dict[str, Any], Path]:
     """(model in eval mode, its config, the checkpoint's state.json, the checkpoint path).
 
     ``checkpoint``: a checkpoint directory or its name under <run_dir>/checkpoints (default: the
-    newest). ``weights``: ``ema`` (the moving average, falling back to the live weights for a
-    checkpoint without one) or ``live``.
+    newest that is whole, damaged newer ones named in the log). ``weights``: ``ema`` (the moving
+    average, falling back to the live weights for a checkpoint without one) or ``live``. A
+    damaged checkpoint named here raises CheckpointError naming the file, as does a run whose
+    every checkpoint is damaged.
     """
     root = Path(run_dir) / "checkpoints"
     if checkpoint is None:
-        path = latest_checkpoint(root)
+        path = newest_valid_checkpoint(root)
         if path is None:
             raise FileNotFoundError(f"no checkpoint in {root}")
     else:

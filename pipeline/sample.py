@@ -12,6 +12,7 @@ lowest resolution, first), e.g. to keep the global structure varied and the deta
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 
@@ -39,17 +40,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, help="PNG path (default: <run_dir>/samples/<checkpoint>-<what>.png)")
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
+    from pipeline.checkpoint import CheckpointError
+    from pipeline.data.streams import DataError
     from pipeline.runs import heldout_loader, load_trained
 
     try:
         model, cfg, _, path = load_trained(args.run_dir, args.checkpoint, args.weights)
-    except FileNotFoundError as err:
+        loader = heldout_loader(cfg, args.n) if args.reconstructions else None
+    except (FileNotFoundError, CheckpointError, DataError) as err:
         print(f"pipeline-sample: {err}", file=sys.stderr)
         return 2
     torch.manual_seed(args.seed)
-    if args.reconstructions:
-        real = next(iter(heldout_loader(cfg, args.n)))["image"][: args.n]
+    if loader is not None:
+        real = next(iter(loader))["image"][: args.n]
         rows, what = [real, model.reconstruct(real)], "reconstructions"
     elif args.group_temperatures:
         if len(args.group_temperatures) != model.num_groups:

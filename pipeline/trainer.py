@@ -25,9 +25,9 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object, set_seed
 
 from pipeline.checkpoint import (
+    CheckpointError,
     capture_rng,
     checkpoint_name,
-    latest_checkpoint,
     load_checkpoint,
     load_ema,
     remove_stale_temporaries,
@@ -46,10 +46,10 @@ from pipeline.model import VAE
 from pipeline.model.noise import StepNoise
 from pipeline.objective import kl_warmup_weight
 from pipeline.progress import Progress
-from pipeline.runs import resolve_data_urls, resolve_input_statistics
+from pipeline.runs import check_shards_fit_model, checkpoint_to_resume, resolve_data_urls, resolve_input_statistics
 from pipeline.stopping import StopRequests, TrainingStopped, clear_stopped, reason, write_stopped
 from pipeline.tracking import Tracker
-from pipeline.updates import TrainingStalled, UpdateGuard
+from pipeline.updates import UpdateGuard
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +77,7 @@ class Trainer:
 
         self.checkpoint = self._find_checkpoint()
         train_urls, eval_urls = self._data_urls()
+        check_shards_fit_model(cfg, train_urls, eval_urls)
         self.cfg = cfg = self._model_statistics(cfg, train_urls)
         # The same seed on every rank: identical initial weights, and identical generator states
         # from which each rank takes its slice of the step's latent noise (model/noise.py).
@@ -156,14 +157,12 @@ class Trainer:
         return resolve_input_statistics(cfg, train_urls)
 
     def _find_checkpoint(self) -> Path | None:
-        """The run directory's newest checkpoint, else ``checkpoint.resume_from``, else None."""
+        """The run directory's newest whole checkpoint, else ``checkpoint.resume_from``, else None."""
         remove_stale_temporaries(self.checkpoint_dir)
-        latest = latest_checkpoint(self.checkpoint_dir)
-        if latest is None and self.cfg.checkpoint.resume_from:
-            latest = Path(self.cfg.checkpoint.resume_from)
-            if not (latest / "state.json").is_file():
-                raise SystemExit(f"checkpoint.resume_from={latest}: not a complete checkpoint directory (no state.json)")
-        return latest
+        try:
+            return checkpoint_to_resume(self.cfg)
+        except CheckpointError as err:
+            raise SystemExit(f"checkpoint error: {err}") from None
 
     def _resume(self, optimizer_state, state: dict[str, Any]) -> str | None:
         """Everything of the checkpoint but the weights (loaded before prepare); returns its
