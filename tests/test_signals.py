@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import time
+import typing
 from pathlib import Path
 
 import psutil
@@ -26,12 +27,13 @@ from mlflow import MlflowClient
 from safetensors.torch import load_file
 
 from pipeline.checkpoint import list_checkpoints
-from pipeline.config import ConfigError, load_config, parse_duration
+from pipeline.config import ConfigError, TrainConfig, load_config, parse_duration
 from pipeline.progress import Progress, format_duration
 from pipeline.stopping import (
     EXIT_INTERRUPTED,
     EXIT_RESUMABLE,
     HOLD_VARIABLE,
+    SIGNAL_NAMES,
     STOPPED_FILE,
     TIME_LIMIT,
     StopRequests,
@@ -59,6 +61,8 @@ def test_stop_settings_are_validated():
     assert defaults.train.stop_signals == ["TERM", "INT", "USR1"] and defaults.train.time_limit_seconds() is None
     assert load_config(None, ["train.stop_signals=[]"]).train.stop_signals == []
     assert load_config(None, ["train.time_limit=90"]).train.time_limit_seconds() == 90
+    allowed = typing.get_args(typing.get_args(typing.get_type_hints(TrainConfig)["stop_signals"])[0])
+    assert allowed == SIGNAL_NAMES  # what the loader's workers ignore is what the config may name
     for bad, words in [
         ("train.stop_signals=[SIGTERM]", ["train.stop_signals[0]", "'SIGTERM'", "'TERM'", "'USR1'"]),
         ("train.stop_signals=TERM", ["train.stop_signals", "expected a list"]),
