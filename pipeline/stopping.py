@@ -16,10 +16,10 @@ and the flag is read at the next boundary. ``train.time_limit`` sets the same fl
 0's clock, so no two ranks can disagree about the time.
 
 A second SIGINT, a second or more after the first, exits at once with 130 and no checkpoint: a
-person who presses Ctrl-C again does not want to wait. (The same SIGINT can reach a process
-twice, from the terminal or the cluster and again from a launcher that forwards it; within a
-second it counts once.) Any number of SIGTERM or SIGUSR1 count once: SLURM signals every process
-of a job and torchrun forwards its own copy.
+person who presses Ctrl-C again does not want to wait. (The same SIGINT can reach a rank
+twice, from a cluster that signals every process of a job step and again from torchrun, which
+forwards its own copy; within a second it counts once.) Any number of SIGTERM or SIGUSR1 count
+once, for the same reason.
 """
 
 from __future__ import annotations
