@@ -23,7 +23,7 @@ from torch import nn
 
 from pipeline.config import ModelConfig, config_from_dict
 from pipeline.model.likelihood import to_unit_range
-from pipeline.model.vae import VAE, BottomUp, TopDown
+from pipeline.model.vae import VAE, BottomUp, GainBias, TopDown
 
 WEIGHTS_NAME = "encoder.safetensors"
 CONFIG_NAME = "config.json"
@@ -79,24 +79,30 @@ class Encoder(nn.Module):
         directory = Path(directory)
         model_cfg = config_from_dict(json.loads((directory / CONFIG_NAME).read_text())).model
         with torch.device("meta"):
-            expected = {k: tuple(v.shape) for k, v in cls(model_cfg).state_dict().items()}
-        check_weights_fit(expected, directory / WEIGHTS_NAME, directory / CONFIG_NAME)
+            skeleton = cls(model_cfg)
+        expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
+        # Layers added since older exports, which fill themselves in at the identity when absent.
+        optional = {f"{name}.{tensor}" for name, module in skeleton.named_modules() if isinstance(module, GainBias)
+                    for tensor in ("gain", "bias")}  # fmt: skip
+        check_weights_fit(expected, directory / WEIGHTS_NAME, directory / CONFIG_NAME, optional)
         with torch.device(device):
             encoder = cls(model_cfg)
         encoder.load_state_dict(load_file(directory / WEIGHTS_NAME, device=str(device)), strict=True)
         return encoder.eval()
 
 
-def check_weights_fit(expected: dict[str, tuple[int, ...]], weights: Path, config: Path) -> None:
+def check_weights_fit(expected: dict[str, tuple[int, ...]], weights: Path, config: Path,
+                      optional: set[str] = frozenset()) -> None:  # fmt: skip
     """Compare the shapes a config builds (``expected``) with a safetensors file's header (read
-    alone, no tensor data); ValueError naming the first tensor that differs, is missing or is extra."""
+    alone, no tensor data); ValueError naming the first tensor that differs, is missing (unless
+    ``optional``) or is extra."""
     with safe_open(weights, "pt") as f:
         stored = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     for name, shape in expected.items():
-        if name not in stored:
+        if name not in stored and name not in optional:
             raise ValueError(f"{config} does not fit {weights}: the config builds tensor {name!r} {list(shape)}, "
                              f"which is not in {weights.name}")  # fmt: skip
-        if stored[name] != shape:
+        if name in stored and stored[name] != shape:
             raise ValueError(f"{config} does not fit {weights}: tensor {name!r} is {list(shape)} by {config.name} "
                              f"and {list(stored[name])} in {weights.name}")  # fmt: skip
     extra = [name for name in stored if name not in expected]
