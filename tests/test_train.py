@@ -126,6 +126,20 @@ def test_exported_encoder_loads_in_one_call_and_matches_the_checkpoint(resumed_r
     expected = Encoder.from_vae(vae.eval()).latents(images)
     assert all(torch.equal(a, b) for a, b in zip(latents, expected))
 
+    # The model card and config.json say what stands behind the encoder: data, steps,
+    # device-hours (over both starts: the first run's checkpoint carried its share), the report.
+    document = json.loads((run_dir / "encoder" / "config.json").read_text())
+    training = document["training"]
+    report = json.loads((run_dir / "eval" / "final" / "report.json").read_text())
+    assert training["steps"] == 6 and training["processes"] == 1 and training["report"] == report
+    assert training["manifest"].endswith("manifest.json") and training["train_samples"] > 0
+    first_start = load_checkpoint(run_dir / "checkpoints" / "step_000004")[2]["device_seconds"]
+    assert training["device_hours"] * 3600 > state["device_seconds"] > first_start > 0
+    card = (run_dir / "encoder" / "README.md").read_text()
+    for text in ("steps: 6", f"samples: {training['train_samples']:,}", training["manifest"],
+                 f"| negative ELBO, bits/dim | {report['nelbo_bpd']:.3f} |", "2. posterior collapse", "4. blurriness"):
+        assert text in card, (text, card)
+
 
 def test_plain_python_bf16_and_the_tracking_uri_from_the_environment(tmp_path, launch):
     """`python pipeline/train.py` (no launcher) with bf16 autocast, logging to the MLflow store
