@@ -66,6 +66,22 @@ def lr_factor(cfg: Config, step: int) -> float:
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def manifest_of(urls: str | list[str]) -> tuple[str | None, str | None]:
+    """(manifest, split) that training URLs were read through: ``manifest.json#split`` itself,
+    or for a local shard pattern (the embedded dataset's) the manifest beside it whose split
+    has that pattern; (None, None) otherwise."""
+    if not isinstance(urls, str):
+        return None, None
+    path, _, split = urls.partition("#")
+    if path.endswith("manifest.json"):
+        return path, split or None
+    beside = Path(path).parent / "manifest.json"
+    if "://" in path or not beside.is_file():
+        return None, None
+    splits = json.loads(beside.read_text()).get("splits", {})
+    return str(beside), next((name for name, s in splits.items() if s.get("pattern") == Path(path).name), None)
+
+
 class Trainer:
     def __init__(self, cfg: Config, accelerator: Accelerator, stop: StopRequests | None = None) -> None:
         self.cfg, self.accelerator = cfg, accelerator
@@ -506,8 +522,7 @@ class Trainer:
         """What the encoder's model card says about the run that trained it."""
         cfg, acc = self.cfg, self.accelerator
         urls = self.train_urls
-        spec = urls if isinstance(urls, str) else ""
-        manifest, _, split = spec.partition("#") if spec.split("#")[0].endswith("manifest.json") else ("", "", "")
+        manifest, split = manifest_of(urls)
         counts = [s.samples for s in self.train_batches.dataset.shards]
         return {
             "train_urls": urls, "manifest": manifest or None, "split": split or None,
