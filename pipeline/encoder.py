@@ -181,18 +181,25 @@ class Encoder(nn.Module):
         model_cfg = config_from_dict({"model": json.loads((directory / CONFIG_NAME).read_text())["model"]}).model
         with torch.device("meta"):
             expected = {k: tuple(v.shape) for k, v in cls(model_cfg).state_dict().items()}
-        check_weights_fit(expected, directory / WEIGHTS_NAME, directory / CONFIG_NAME)
+        # Encoders exported before the output gain and bias existed lack both; they load at the
+        # identity (GainBias._load_from_state_dict), so their absence is no misfit.
+        optional = {"top_down.output_gain_bias.gain", "top_down.output_gain_bias.bias"}
+        check_weights_fit(expected, directory / WEIGHTS_NAME, directory / CONFIG_NAME, optional)
         with torch.device(device):
             encoder = cls(model_cfg)
         encoder.load_state_dict(load_file(directory / WEIGHTS_NAME, device=str(device)), strict=True)
         return encoder.eval()
 
 
-def check_weights_fit(expected: dict[str, tuple[int, ...]], weights: Path, config: Path) -> None:
+def check_weights_fit(expected: dict[str, tuple[int, ...]], weights: Path, config: Path,
+                      optional: set[str] = frozenset()) -> None:  # fmt: skip
     """Compare the shapes a config builds (``expected``) with a safetensors file's header (read
-    alone, no tensor data); ValueError naming the first tensor that differs, is missing or is extra."""
+    alone, no tensor data); ValueError naming the first tensor that differs, is missing or is extra.
+    The ``optional`` tensors may be missing, all together (the module fills them in)."""
     with safe_open(weights, "pt") as f:
         stored = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    if optional and not optional & stored.keys():
+        expected = {k: v for k, v in expected.items() if k not in optional}
     for name, shape in expected.items():
         if name not in stored:
             raise ValueError(f"{config} does not fit {weights}: the config builds tensor {name!r} {list(shape)}, "
