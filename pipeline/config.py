@@ -22,8 +22,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
 
 class ConfigError(ValueError):
     """A config file or override that does not fit the schema."""
@@ -490,6 +488,8 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
 
 def parse_override(text: str) -> tuple[str, Any]:
     """``"train.steps=200"`` -> ``("train.steps", 200)``; the value is read as YAML."""
+    import yaml  # here, not at the top: the encoder reads its config from JSON without PyYAML
+
     key, sep, raw = text.partition("=")
     if not sep or not key:
         raise ConfigError(f"override '{text}': expected dotted.key=value, e.g. train.steps=200")
@@ -506,6 +506,8 @@ def _one_line(err: Exception) -> str:
 def _read_yaml(path: str | Path) -> Any:
     """The parsed file; a missing or unreadable file, or malformed YAML, is a ConfigError naming
     the file (and the line), not a traceback."""
+    import yaml
+
     try:
         with open(path, encoding="utf-8") as f:
             return yaml.safe_load(f)

@@ -66,9 +66,28 @@ def lr_factor(cfg: Config, step: int) -> float:
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def manifest_of(urls: str | list[str]) -> tuple[str | None, str | None]:
+    """(manifest, split) that training URLs were read through: ``manifest.json#split`` itself,
+    or for a local shard pattern (the embedded dataset's) the manifest beside it whose split
+    has that pattern; (None, None) otherwise."""
+    if not isinstance(urls, str):
+        return None, None
+    path, _, split = urls.partition("#")
+    if path.endswith("manifest.json"):
+        return path, split or None
+    beside = Path(path).parent / "manifest.json"
+    if "://" in path or not beside.is_file():
+        return None, None
+    splits = json.loads(beside.read_text()).get("splits", {})
+    return str(beside), next((name for name, s in splits.items() if s.get("pattern") == Path(path).name), None)
+
+
 class Trainer:
     def __init__(self, cfg: Config, accelerator: Accelerator, stop: StopRequests | None = None) -> None:
         self.cfg, self.accelerator = cfg, accelerator
+        # Device-hours for the encoder's model card: wall-clock of each start x processes, the
+        # starts before this one carried in the checkpoint (_resume).
+        self.started, self.device_seconds_before = time.perf_counter(), 0.0
         # Signals and the time limit (train.py installs the handlers); none when used as a library.
         self.stop = stop or StopRequests()
         self.run_dir = Path(cfg.train.run_dir)
@@ -77,6 +96,7 @@ class Trainer:
 
         self.checkpoint = self._find_checkpoint()
         train_urls, eval_urls = self._data_urls()
+        self.train_urls = train_urls
         check_shards_fit_model(cfg, train_urls, eval_urls)
         self.cfg = cfg = self._model_statistics(cfg, train_urls)
         # The same seed on every rank: identical initial weights, and identical generator states
@@ -170,6 +190,7 @@ class Trainer:
         load_optimizer_state(self.accelerator, self.model, self.optimizer, optimizer_state)
         self.scheduler.load_state_dict(state["scheduler"])
         self.step = state["step"]
+        self.device_seconds_before = state.get("device_seconds", 0.0)  # checkpoints before it: unknown
         self.updates.skipped, self.updates.overflows = state["skipped_updates"], state.get("overflow_steps", 0)
         if state.get("loss_scale") and self.accelerator.scaler is not None:
             self.accelerator.scaler.load_state_dict(state["loss_scale"])
@@ -260,8 +281,9 @@ class Trainer:
         if stop:
             self._stop_now(stop)
         with self._side_work():
-            self.export_encoder()
-            self.write_eval_report()
+            # The report first: the encoder's model card quotes it.
+            report = self.write_eval_report()
+            self.export_encoder(report)
         summary = {"step": self.step, "first_eval": self.first_eval, "final_eval": final, "mlflow_run_id": self.tracker.run_id}
         if self.is_main:
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -432,6 +454,7 @@ class Trainer:
                 "rng": [r["rng"] for r in per_rank],
                 "scheduler": self.scheduler.state_dict(),
                 "first_eval": self.first_eval,
+                "device_seconds": self.device_seconds(),
                 "mlflow_run_id": self.tracker.run_id,
                 "config": self.cfg.to_dict(),
                 "versions": {"torch": torch.__version__, "pipeline": __import__("pipeline").__version__},
@@ -472,11 +495,14 @@ class Trainer:
             finally:
                 self.side_model = None
 
-    def write_eval_report(self) -> None:
+    def device_seconds(self) -> float:
+        return self.device_seconds_before + (time.perf_counter() - self.started) * self.accelerator.num_processes
+
+    def write_eval_report(self) -> dict[str, Any] | None:
         """The final report (EMA weights, importance-weighted bound, the four VAE problems) and its
-        figure, under <run_dir>/eval/final and in MLflow."""
+        figure, under <run_dir>/eval/final and in MLflow; returned on the main process."""
         if not self.is_main:
-            return
+            return None
         model = self.side_model
         with self.ema.applied(model):
             report = evaluate(model, self.eval_loader, iw_samples=self.cfg.train.final_iw_samples,
@@ -485,18 +511,35 @@ class Trainer:
             model.train()
         directory = self.run_dir / "eval" / "final"
         directory.mkdir(parents=True, exist_ok=True)
-        (directory / "report.json").write_text(json.dumps({"step": self.step, "weights": "ema", **report}, indent=2) + "\n")
+        report = {"step": self.step, "weights": "ema", **report}
+        (directory / "report.json").write_text(json.dumps(report, indent=2) + "\n")
         plot_report(report, directory / "figure.png")
         self.tracker.log_metrics(flat_metrics(report, "final_ema"), self.step)
         self.tracker.log_artifact(directory, "eval/final")
+        return report
 
-    def export_encoder(self) -> None:
+    def training_facts(self, report: dict[str, Any] | None) -> dict[str, Any]:
+        """What the encoder's model card says about the run that trained it."""
+        cfg, acc = self.cfg, self.accelerator
+        urls = self.train_urls
+        manifest, split = manifest_of(urls)
+        counts = [s.samples for s in self.train_batches.dataset.shards]
+        return {
+            "train_urls": urls, "manifest": manifest or None, "split": split or None,
+            "train_samples": None if None in counts else sum(counts),
+            "steps": self.step, "batch_size": cfg.data.batch_size, "grad_accum_steps": cfg.train.grad_accum_steps,
+            "processes": acc.num_processes, "device_type": acc.device.type,
+            "device_hours": self.device_seconds() / 3600, "weights": "ema",
+            "report": report,
+        }  # fmt: skip
+
+    def export_encoder(self, report: dict[str, Any] | None = None) -> None:
         if not self.is_main:
             return
         directory = self.run_dir / "encoder"
         model = self.side_model
         with self.ema.applied(model):  # the averaged weights are the better encoder
-            Encoder.from_vae(model).save_pretrained(directory)
+            Encoder.from_vae(model).save_pretrained(directory, training=self.training_facts(report))
         self.tracker.log_artifact(directory, "encoder")
         log.info("exported the encoder to %s", directory)
 

@@ -298,7 +298,7 @@ def test_a_pretrained_encoder_still_loads_and_matches(exported_encoder):
     directory, vae = exported_encoder
     images = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
     loaded = Encoder.from_pretrained(directory)
-    assert all(torch.equal(a, b) for a, b in zip(loaded(images), Encoder.from_vae(vae).eval()(images)))
+    assert all(torch.equal(a, b) for a, b in zip(loaded.latents(images), Encoder.from_vae(vae).eval().latents(images)))
 
 
 def test_an_encoder_config_with_a_huge_width_fails_fast_without_allocating(exported_encoder):

@@ -100,7 +100,8 @@ def test_mlflow_run_holds_params_metrics_and_artifacts(resumed_run):
         assert client.get_metric_history(run_id, name), name
     artifacts = {a.path for a in client.list_artifacts(run_id)}
     assert {"images", "encoder"} <= artifacts
-    assert {a.path for a in client.list_artifacts(run_id, "encoder")} == {"encoder/encoder.safetensors", "encoder/config.json"}
+    assert {a.path for a in client.list_artifacts(run_id, "encoder")} == {"encoder/encoder.safetensors", "encoder/config.json",
+                                                                          "encoder/README.md"}
     assert any(a.path.endswith(".png") for a in client.list_artifacts(run_id, "images"))
 
 
@@ -116,14 +117,28 @@ def test_exported_encoder_loads_in_one_call_and_matches_the_checkpoint(resumed_r
     from pipeline.data.loader import make_loader
 
     images = next(iter(make_loader(builtin_urls[1], batch_size=5, train=False)[0]))["image"]
-    latents = encoder(images)
+    latents = encoder.latents(images)
     assert [tuple(z.shape) for z in latents] == [(5, *shape) for shape in encoder.latent_shapes]
 
     _, _, state = load_checkpoint(run_dir / "checkpoints" / "step_000006")
     vae = VAE(config_from_dict(state["config"]).model)
     vae.load_state_dict(load_ema(run_dir / "checkpoints" / "step_000006"))  # the export holds the EMA weights
-    expected = Encoder.from_vae(vae.eval())(images)
+    expected = Encoder.from_vae(vae.eval()).latents(images)
     assert all(torch.equal(a, b) for a, b in zip(latents, expected))
+
+    # The model card and config.json say what stands behind the encoder: data, steps,
+    # device-hours (over both starts: the first run's checkpoint carried its share), the report.
+    document = json.loads((run_dir / "encoder" / "config.json").read_text())
+    training = document["training"]
+    report = json.loads((run_dir / "eval" / "final" / "report.json").read_text())
+    assert training["steps"] == 6 and training["processes"] == 1 and training["report"] == report
+    assert training["manifest"].endswith("manifest.json") and training["train_samples"] > 0
+    first_start = load_checkpoint(run_dir / "checkpoints" / "step_000004")[2]["device_seconds"]
+    assert training["device_hours"] * 3600 > state["device_seconds"] > first_start > 0
+    card = (run_dir / "encoder" / "README.md").read_text()
+    for text in ("steps: 6", f"samples: {training['train_samples']:,}", training["manifest"],
+                 f"| negative ELBO, bits/dim | {report['nelbo_bpd']:.3f} |", "2. posterior collapse", "4. blurriness"):
+        assert text in card, (text, card)
 
 
 def test_plain_python_bf16_and_the_tracking_uri_from_the_environment(tmp_path, launch):
