@@ -89,3 +89,31 @@ def test_training_on_shards_without_images_exits_with_a_data_error_and_does_not_
                     "tracking.enabled=false", plain_python=True, expect_failure=True, timeout=120)  # fmt: skip
     assert result.returncode == 3, result.stderr[-3000:]
     assert "data error:" in result.stderr and "gave no image" in result.stderr and text in result.stderr
+
+
+# --- 2. a path that matches no file says so --------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["epoch", "resampled"])
+def test_a_shard_path_or_pattern_that_matches_no_file_is_named_as_missing(tmp_path, mode):
+    from pipeline.data.loader import make_loader
+    from pipeline.data.streams import DataError
+
+    settings = {"mode": mode, "epoch_batches": 3}
+    for spec in (str(tmp_path / "train-{000000..000003}.tar"), str(tmp_path / "one.tar"), [str(tmp_path / "one.tar")]):
+        with pytest.raises(DataError) as info:
+            make_loader(spec, batch_size=4, **settings)
+        message = str(info.value)
+        assert "does not exist" in message and str(tmp_path) in message, message
+        assert "sample count" not in message and "resampled" not in message
+    with pytest.raises(DataError, match=f"manifest {tmp_path}/manifest.json does not exist"):
+        make_loader(f"{tmp_path}/manifest.json#train", batch_size=4, **settings)
+
+
+def test_some_missing_shards_of_a_pattern_are_left_to_the_loader(tmp_path):
+    from pipeline.data.urls import resolve_shards
+    from pipeline.data.streams import StreamOptions
+
+    _text_tar(tmp_path / "train-000001.tar")
+    shards = resolve_shards(str(tmp_path / "train-{000000..000002}.tar"), StreamOptions())
+    assert len(shards) == 3
