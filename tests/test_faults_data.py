@@ -117,3 +117,63 @@ def test_some_missing_shards_of_a_pattern_are_left_to_the_loader(tmp_path):
     _text_tar(tmp_path / "train-000001.tar")
     shards = resolve_shards(str(tmp_path / "train-{000000..000002}.tar"), StreamOptions())
     assert len(shards) == 3
+
+
+# --- 3. a held-out set without a readable image: an error, never 0.0, and no step lost ------------
+
+
+@pytest.fixture
+def own_data(tmp_path, builtin_urls):
+    """A copy of the embedded dataset (its held-out shards get damaged): (train, held-out) patterns
+    and the held-out shard paths."""
+    import shutil
+
+    import webdataset as wds
+
+    source = builtin_urls[0].rpartition("/")[0]
+    shutil.copytree(source, tmp_path / "data")
+    train, heldout = (str(tmp_path / "data" / url.rpartition("/")[2]) for url in builtin_urls)
+    return train, heldout, wds.shardlists.expand_urls(heldout)
+
+
+def _without_images(paths: list[str]) -> None:
+    import os
+
+    for path in paths:  # replaced by rename, as a rewrite would be: a reader's memory map stays valid
+        os.replace(_text_tar(f"{path}.new"), path)
+
+
+def _trainer(tmp_path, train: str, heldout: str):
+    from pipeline.config import load_config
+    from pipeline.distributed import make_accelerator
+    from pipeline.trainer import Trainer
+    from tests.conftest import TINY_MODEL
+
+    cfg = load_config(None, [*TINY_MODEL, f"train.run_dir={tmp_path / 'run'}", f"data.train_urls={train}",
+                             f"data.eval_urls={heldout}", "data.batch_size=8", "data.num_workers=0", "train.steps=2",
+                             "checkpoint.every=1000", "train.eval_at_start=false", "train.diagnostics=false",
+                             "train.final_iw_samples=0", "train.eval_batches=1", "tracking.enabled=false"])  # fmt: skip
+    return Trainer(cfg, make_accelerator(cfg))
+
+
+def test_a_heldout_set_without_a_readable_image_is_refused_at_start(tmp_path, own_data):
+    from pipeline.data.streams import DataError
+
+    train, heldout, paths = own_data
+    _without_images(paths)
+    with pytest.raises(DataError, match="gave no readable image") as info:
+        _trainer(tmp_path, train, heldout)
+    assert heldout in str(info.value)
+
+
+def test_a_heldout_set_unreadable_mid_run_fails_clearly_after_the_final_checkpoint(tmp_path, own_data):
+    from pipeline.data.streams import DataError
+
+    train, heldout, paths = own_data
+    trainer = _trainer(tmp_path, train, heldout)
+    _without_images(paths)  # after the start's check: the final evaluation finds no image
+    with pytest.raises(DataError, match="gave no readable image to evaluate") as info:
+        trainer.fit()  # before: "held-out 0.0000 bits/dim", then a failed image grid, no checkpoint
+    assert heldout in str(info.value)
+    assert (tmp_path / "run" / "checkpoints" / "step_000002" / "model.safetensors").exists()
+    trainer.close("FAILED")
