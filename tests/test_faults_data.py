@@ -80,11 +80,12 @@ def test_resampled_draws_past_a_missing_shard_among_good_ones(tmp_path, builtin_
 
 
 @pytest.mark.slow
-def test_training_on_shards_without_images_exits_with_a_data_error_and_does_not_hang_at_exit(tmp_path, launch):
+def test_training_on_shards_without_images_exits_with_a_data_error_and_does_not_hang_at_exit(tmp_path, launch,
+                                                                                           builtin_urls):
     # Before: the error was printed, then the process waited forever at exit for its loader
     # workers (which ignore SIGTERM), the iterator kept alive by the worker's traceback.
     text = _text_tar(tmp_path / "text.tar")
-    result = launch(tmp_path / "run", f"data.train_urls={text}", f"data.eval_urls={text}", "data.mode=resampled",
+    result = launch(tmp_path / "run", f"data.train_urls={text}", f"data.eval_urls={builtin_urls[1]}", "data.mode=resampled",
                     "data.epoch_batches=3", "data.num_workers=2", "train.steps=2", "train.eval_at_start=false",
                     "tracking.enabled=false", plain_python=True, expect_failure=True, timeout=120)  # fmt: skip
     assert result.returncode == 3, result.stderr[-3000:]

@@ -555,7 +555,20 @@ class _Loader(torch.utils.data.DataLoader):
         # ignore, then unblock (ShardDataset.__iter__), so that no signal meant for the training
         # process can kill one while it starts.
         with stop_signals_blocked():
-            return super().__iter__()
+            iterator = super().__iter__()
+        return _shut_down_when_done(iterator)
+
+
+def _shut_down_when_done(iterator):
+    """The loader's batches; its workers are stopped as soon as the iteration ends, is closed or
+    fails. Not left to the iterator's collection: after a worker's error, the traceback keeps the
+    iterator alive, and a process exiting with it alive waits forever at exit for its workers
+    (multiprocessing's exit terminates them, then joins, and they ignore SIGTERM)."""
+    try:
+        yield from iterator
+    finally:
+        if hasattr(iterator, "_shutdown_workers"):  # (none with num_workers=0)
+            iterator._shutdown_workers()
 
 
 def make_loader(
@@ -706,11 +719,8 @@ class EpochIterator:
         if getattr(self, "_reader", None) is not None:  # (also from __del__ of a half-made one)
             self._reader.abandon()
         iterator = getattr(self, "_iterator", None)
-        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
-            # Now, not when the iterator is collected: after a worker's error its traceback keeps the
-            # iterator alive, and a process exiting with it alive waits forever at exit for workers
-            # that ignore SIGTERM (multiprocessing's exit terminates, then joins them).
-            iterator._shutdown_workers()
+        if iterator is not None:
+            iterator.close()  # stops the workers now (_shut_down_when_done)
         self._iterator, self._reader = None, None
 
     def __del__(self) -> None:
@@ -736,9 +746,6 @@ class EpochIterator:
                 item = next(self._iterator)
             except StopIteration:
                 raise DataError(f"the loader ended before batch {wanted} of epoch {self.epoch}") from None
-            except BaseException:  # a worker's error: stop the others (the next batch starts them again)
-                self.close()
-                raise
             for batch in self._reader.take(item):
                 self._held[(batch["worker"], batch["index"])] = batch
         batch = self._held.pop(wanted)
