@@ -29,6 +29,7 @@ from pipeline.diagnostics import (
     psnr,
     variance_ratio,
 )
+from pipeline.data.streams import DataError
 from pipeline.model import VAE
 from pipeline.model.likelihood import to_uint8, to_unit_range
 
@@ -105,7 +106,7 @@ def evaluate(
         if max_images and seen >= max_images:
             break
     if seen == 0:
-        raise ValueError("no images to evaluate")
+        raise DataError("no images to evaluate: every held-out batch was empty or unreadable (see the warnings above)")
 
     sample_pixels = RunningMoments()
     batch_size = max(1, min(64, seen))

@@ -37,7 +37,7 @@ from pipeline.checkpoint import (
 from pipeline.config import Config, config_from_dict
 from pipeline.distributed import full_training_state, is_deepspeed, load_optimizer_state, zero_stage
 from pipeline.data.loader import EpochIterator, make_loader
-from pipeline.data.streams import StreamOptions
+from pipeline.data.streams import DataError, StreamOptions
 from pipeline.ema import EMA
 from pipeline.encoder import Encoder
 from pipeline.evaluate import evaluate, flat_metrics, plot_report
@@ -142,7 +142,9 @@ class Trainer:
                          hflip=data.hflip, epoch_batches=data.epoch_batches, **common),
             max_skip_fraction=data.max_skip_fraction,
         )  # fmt: skip
+        self.eval_urls = eval_urls
         self.eval_loader, _ = make_loader(eval_urls, train=False, **common)
+        self._first_heldout_images()  # at start: not after hours of training, in the final evaluation
 
         self.step = 0
         self.saved_step: int | None = None  # the step this process last checkpointed
@@ -204,6 +206,15 @@ class Trainer:
             log.info("resumed from %s (step %d, saved by %d process(es))", self.checkpoint, self.step, state["world_size"])
         own = self.checkpoint.resolve().parent == self.checkpoint_dir.resolve()
         return state.get("mlflow_run_id") if own else None
+
+    def _first_heldout_images(self) -> torch.Tensor:
+        """The first held-out batch that has an image (this process's share); DataError naming the
+        URLs when none has one (every shard missing, unreadable, or without images)."""
+        for batch in self.eval_loader:
+            if batch["image"].shape[0]:
+                return batch["image"]
+        raise DataError(f"the held-out set {self.eval_urls} gave no readable image (rank "
+                        f"{self.accelerator.process_index}); check data.eval_urls and the warnings above")  # fmt: skip
 
     # --- the loop ----------------------------------------------------------------------------
 
@@ -271,12 +282,13 @@ class Trainer:
         self.progress.close()
         if stop:
             self._stop_now(stop)
+        # First: a failure in the final evaluation, images, exports or report must not lose the steps.
+        self.save()
         with self._side_work():
             final = self.evaluate()
             self.log_images()
-        self.save()  # before the exports and the report: a failure there must not lose the steps
         # The final evaluation can take minutes: a stop asked meanwhile is honoured here, the
-        # checkpoint just written; the rerun evaluates again, then exports.
+        # checkpoint written before it; the rerun evaluates again, then exports.
         stop = self.stop.should_stop(acc, self.step)
         if stop:
             self._stop_now(stop)
@@ -413,7 +425,10 @@ class Trainer:
                                  out["kl_bpd"].reshape(1) * n, out["kl_bpd_per_group"] * n])
         model.train()
         totals = self.accelerator.reduce(totals, reduction="sum")
-        count = totals[0].clamp_min(1)
+        if totals[0].item() == 0:  # (the same sum on every rank: all raise) never a made-up 0.0
+            raise DataError(f"step {self.step}: the held-out set {self.eval_urls} gave no readable image to evaluate; "
+                            "check data.eval_urls and the warnings above")  # fmt: skip
+        count = totals[0]
         recon, kl, per_group = totals[1] / count, totals[2] / count, totals[3:] / count
         metrics = {"loss": (recon + kl).item(), "recon_bpd": recon.item(), "kl_bpd": kl.item(), "images": totals[0].item()}
         metrics |= {f"kl_bpd/group_{i:02d}": v for i, v in enumerate(per_group.tolist())}
@@ -426,7 +441,7 @@ class Trainer:
             return
         model = self.side_model
         model.eval()
-        real = next(iter(self.eval_loader))["image"].to(self.accelerator.device)
+        real = self._first_heldout_images().to(self.accelerator.device)
         with self.ema.applied(model):
             path = sample_and_reconstruction_grid(model, real, self.run_dir / "images" / f"step_{self.step:06d}.png")
         model.train()

@@ -81,6 +81,9 @@ class WorkerStats:
     not_decoded: int = 0  # samples passed over without decoding (resume)
 
 
+# resampled mode gives up after this many draws per shard in a row without an image (see samples()).
+EMPTY_DRAWS_PER_SHARD = 20
+
 _PNG_COLOUR_TYPE = {"L": 0, "RGB": 2}  # IHDR colour types that are already in the wanted mode
 
 
@@ -310,6 +313,13 @@ class ShardDataset(IterableDataset):
         buffer: list[tuple[str, str, dict[str, bytes]]] = []
 
         def samples():
+            # Draws that gave no image since the last one that did. Without a bound, shards that
+            # never give one (a wrong path, a tar of text files) make this loop forever, logging a
+            # warning per draw. Give up once every shard has come up empty since the last image,
+            # or after EMPTY_DRAWS_PER_SHARD draws per shard (the draw is random: a few shards may
+            # not have come up yet, each with odds of e^-20).
+            empty: dict[str, str] = {}  # url -> why it gave nothing
+            empty_draws, urls = 0, {s.url for s in self.shards}
             while True:
                 shard = rng.choice(self.shards)
                 shard_stats = ShardStats()
@@ -319,8 +329,20 @@ class ShardDataset(IterableDataset):
                 stats.retries += shard_stats.retries
                 if shard_stats.failures:
                     stats.missing += 1  # a whole shard draw failed (or ended early)
-                if shard_stats.read == 0 and shard_stats.failures and all(s.url == shard.url for s in self.shards):
-                    raise DataError(f"the only shard, {shard.url}, cannot be read")
+                if shard_stats.read:
+                    empty.clear()
+                    empty_draws = 0
+                    continue
+                empty[shard.url] = shard_stats.failures[-1] if shard_stats.failures else "no sample with an image"
+                empty_draws += 1
+                if len(empty) == len(urls) or empty_draws >= EMPTY_DRAWS_PER_SHARD * len(urls):
+                    named = "; ".join(f"{url} ({why})" for url, why in list(empty.items())[:5])
+                    more = f" and {len(empty) - 5} more" if len(empty) > 5 else ""
+                    raise DataError(
+                        f"rank {self.rank}, worker {worker}: {empty_draws} shard draws in a row gave no image, "
+                        f"{len(empty)} of the {len(urls)} shards tried: {named}{more}; check that the paths exist "
+                        f"and hold images ({', '.join(IMAGE_EXTENSIONS)})"
+                    )
 
         stream = samples()
         for index in range(start_batch, total_batches):
@@ -533,7 +555,20 @@ class _Loader(torch.utils.data.DataLoader):
         # ignore, then unblock (ShardDataset.__iter__), so that no signal meant for the training
         # process can kill one while it starts.
         with stop_signals_blocked():
-            return super().__iter__()
+            iterator = super().__iter__()
+        return _shut_down_when_done(iterator)
+
+
+def _shut_down_when_done(iterator):
+    """The loader's batches; its workers are stopped as soon as the iteration ends, is closed or
+    fails. Not left to the iterator's collection: after a worker's error, the traceback keeps the
+    iterator alive, and a process exiting with it alive waits forever at exit for its workers
+    (multiprocessing's exit terminates them, then joins, and they ignore SIGTERM)."""
+    try:
+        yield from iterator
+    finally:
+        if hasattr(iterator, "_shutdown_workers"):  # (none with num_workers=0)
+            iterator._shutdown_workers()
 
 
 def make_loader(
@@ -683,6 +718,9 @@ class EpochIterator:
         """Stop the workers now (the next batch starts them again, at the current position)."""
         if getattr(self, "_reader", None) is not None:  # (also from __del__ of a half-made one)
             self._reader.abandon()
+        iterator = getattr(self, "_iterator", None)
+        if iterator is not None:
+            iterator.close()  # stops the workers now (_shut_down_when_done)
         self._iterator, self._reader = None, None
 
     def __del__(self) -> None:

@@ -18,6 +18,7 @@ import http.client
 import io
 import json
 import logging
+import math
 import os
 import re
 import subprocess
@@ -539,9 +540,28 @@ def read_shard(
                 log.warning("shard %s failed %s (%s); retry %d of %d", url, where, err, attempt, options.retries)
                 time.sleep(options.backoff * 2 ** (attempt - 1))
                 continue
-            log.warning("skipping the rest of shard %s: failed %s: %s", url, where, err)
+            _warn_per_shard(url, "skipping the rest of shard %s: failed %s: %s", url, where, err)
             stats.failures.append(f"{url}: {err}")
             return
+
+
+WARNING_INTERVAL_S = 60.0
+_last_warned: dict[str, tuple[float, int]] = {}  # url -> (when last logged, repeats not logged since)
+
+
+def _warn_per_shard(url: str, message: str, *args) -> None:
+    """A shard's warning, at most once per WARNING_INTERVAL_S per shard and process: resampled mode
+    draws the same broken shard again and again (at thousands of draws a second, a missing file
+    filled the disk with this line). The repeats left out are counted in the next one logged."""
+    now = time.monotonic()
+    when, repeats = _last_warned.get(url, (-math.inf, 0))
+    if now - when < WARNING_INTERVAL_S:
+        _last_warned[url] = when, repeats + 1
+        return
+    _last_warned[url] = now, 0
+    if repeats:
+        message += f" (and {repeats} time(s) in the last {now - when:.0f} s, not logged)"
+    log.warning(message, *args)
 
 
 def prefetch(url: str) -> None:

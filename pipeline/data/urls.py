@@ -22,7 +22,7 @@ from pathlib import PurePosixPath
 import webdataset as wds
 
 from pipeline.data.plan import Shard
-from pipeline.data.streams import DataError, StreamOptions, is_remote, read_json
+from pipeline.data.streams import DataError, StreamOptions, is_remote, local_path, read_json
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +47,8 @@ def _load_manifest(url: str, options: StreamOptions, required: bool) -> dict | N
     try:
         return read_json(url, options)
     except (OSError, urllib.error.URLError, ValueError) as err:
+        if required and isinstance(err, FileNotFoundError):
+            raise DataError(f"manifest {url} does not exist: check the path in data.train_urls / data.eval_urls") from None
         if required:
             raise DataError(f"cannot read manifest {url}: {err}") from None
         return None
@@ -75,6 +77,16 @@ def _counts_beside(urls: list[str], options: StreamOptions) -> dict[str, int]:
     return counts
 
 
+def _check_some_exist(item: str, urls: list[str]) -> None:
+    """A local path or pattern that matches no file is a mistake (a typo, an unmounted disk): say
+    so, instead of a later "needs the sample count" (epoch mode) or endless empty draws. Single
+    missing shards among existing ones are the loader's to count and skip."""
+    paths = [local_path(u) for u in urls]
+    if paths and None not in paths and not any(p.exists() for p in paths):
+        shown = f"{item!r}" if len(urls) == 1 else f"{item!r} (none of its {len(urls)} paths, e.g. {urls[0]})"
+        raise DataError(f"no such shard file: {shown} does not exist; check data.train_urls / data.eval_urls")
+
+
 def resolve_shards(spec: str | list[str], options: StreamOptions, default_split: str = "train") -> list[Shard]:
     specs = [spec] if isinstance(spec, str) else list(spec)
     shards: list[Shard] = []
@@ -83,7 +95,9 @@ def resolve_shards(spec: str | list[str], options: StreamOptions, default_split:
         if PurePosixPath(item.partition("#")[0]).name == "manifest.json":
             shards += shards_from_manifest(item, options, default_split)
         else:
-            patterns += wds.shardlists.expand_urls(item)
+            expanded = wds.shardlists.expand_urls(item)
+            _check_some_exist(item, expanded)
+            patterns += expanded
     if patterns:
         counts = _counts_beside(patterns, options)
         shards += [Shard(u, counts.get(u)) for u in patterns]
