@@ -59,7 +59,7 @@ def resolve_input_statistics(cfg: Config, train_urls: str | list[str]) -> Config
     model = cfg.model
     if not model.standardize_input or model.input_mean:
         return cfg
-    manifests = _manifest_splits(train_urls, StreamOptions.from_config(cfg.data))
+    manifests = manifest_splits(train_urls, StreamOptions.from_config(cfg.data))
     splits = {where: entry for where, (_, entry) in manifests.items()}
     with_stats = [entry["pixel_stats"] for entry in splits.values() if "pixel_stats" in entry]
     without = [name for name, entry in splits.items() if "pixel_stats" not in entry]
@@ -91,7 +91,7 @@ def check_shards_fit_model(cfg: Config, *urls: str | list[str]) -> None:
     model, options = cfg.model, StreamOptions.from_config(cfg.data)
     checked: set[str] = set()
     for spec in urls:
-        for where, (manifest, _) in _manifest_splits(spec, options).items():
+        for where, (manifest, _) in manifest_splits(spec, options).items():
             url = where.partition("#")[0]
             if url in checked:
                 continue
@@ -124,7 +124,7 @@ def _channels(n: int) -> str:
     return "1 channel (grayscale)" if n == 1 else f"{n} channels (RGB)"
 
 
-def _manifest_splits(urls: str | list[str], options: StreamOptions) -> dict[str, tuple[dict[str, Any], dict[str, Any]]]:
+def manifest_splits(urls: str | list[str], options: StreamOptions) -> dict[str, tuple[dict[str, Any], dict[str, Any]]]:
     """``{"<manifest url>#<split>": (manifest, split entry)}`` for every manifest split the URLs read."""
     found: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {}
     for spec in [urls] if isinstance(urls, str) else urls:

@@ -46,7 +46,13 @@ from pipeline.model import VAE
 from pipeline.model.noise import StepNoise
 from pipeline.objective import kl_warmup_weight
 from pipeline.progress import Progress
-from pipeline.runs import check_shards_fit_model, checkpoint_to_resume, resolve_data_urls, resolve_input_statistics
+from pipeline.runs import (
+    check_shards_fit_model,
+    checkpoint_to_resume,
+    manifest_splits,
+    resolve_data_urls,
+    resolve_input_statistics,
+)
 from pipeline.stopping import StopRequests, TrainingStopped, clear_stopped, reason, write_stopped
 from pipeline.tracking import Tracker
 from pipeline.updates import UpdateGuard
@@ -64,22 +70,6 @@ def lr_factor(cfg: Config, step: int) -> float:
     progress = min(1.0, (step - warmup) / max(1, cfg.train.steps - warmup))
     floor = cfg.optim.min_lr_ratio
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def manifest_of(urls: str | list[str]) -> tuple[str | None, str | None]:
-    """(manifest, split) that training URLs were read through: ``manifest.json#split`` itself,
-    or for a local shard pattern (the embedded dataset's) the manifest beside it whose split
-    has that pattern; (None, None) otherwise."""
-    if not isinstance(urls, str):
-        return None, None
-    path, _, split = urls.partition("#")
-    if path.endswith("manifest.json"):
-        return path, split or None
-    beside = Path(path).parent / "manifest.json"
-    if "://" in path or not beside.is_file():
-        return None, None
-    splits = json.loads(beside.read_text()).get("splits", {})
-    return str(beside), next((name for name, s in splits.items() if s.get("pattern") == Path(path).name), None)
 
 
 class Trainer:
@@ -537,7 +527,8 @@ class Trainer:
         """What the encoder's model card says about the run that trained it."""
         cfg, acc = self.cfg, self.accelerator
         urls = self.train_urls
-        manifest, split = manifest_of(urls)
+        # The manifest split the training URLs were read through (the same lookup as the input statistics').
+        manifest, _, split = next(iter(manifest_splits(urls, StreamOptions.from_config(cfg.data))), "").rpartition("#")
         counts = [s.samples for s in self.train_batches.dataset.shards]
         return {
             "train_urls": urls, "manifest": manifest or None, "split": split or None,
