@@ -11,7 +11,12 @@
 3. a per-file folder loader: one PNG file per image and a map-style Dataset that opens each
    file (what torchvision's ImageFolder does: PIL), with the same workers and batch size;
 4. the same per-file loader decoding with our decoder (libspng), which separates what the
-   shard layout gains from what the decoder gains.
+   shard layout gains from what the decoder gains;
+5. webdataset's own pipeline on the same shards, written the way its users write it:
+   ``WebDataset(urls, shardshuffle=...).shuffle(1000).decode("l8").to_tuple("png")`` batched by
+   ``torch.utils.data.DataLoader`` with the same workers (webdataset splits the shards between
+   them; its decoder is PIL's). And the same pipeline decoding with our decoder, which separates
+   what our pipeline gains from what libspng gains.
 
 The loader decodes 8-bit PNGs with libspng (pyspng), about 6x faster than PIL on 28x28 images.
 That raises the decode limit as much, so the loader's own per-sample Python work (index
@@ -142,6 +147,22 @@ def per_file(paths: list[Path], processes: int, batch_size: int, our_decoder: bo
     return timed_epoch(iter(loader), lambda: None)  # torch stops its workers at the end of the epoch
 
 
+def _our_png_decoder(key: str, data: bytes):
+    return decode_pixels(data, "png", "L")[..., 0] if key.endswith(".png") else None
+
+
+def webdataset_pipeline(shard_dir: Path, processes: int, batch_size: int, our_decoder: bool = False) -> Run:
+    """The loader users would pick instead of ours: webdataset's documented recipe, samples
+    shuffled in a buffer, decoded to uint8 arrays, collated by torch's DataLoader."""
+    import webdataset as wds
+
+    urls = [str(path) for path in sorted(shard_dir.glob("*.tar"))]
+    decoder = _our_png_decoder if our_decoder else "l8"
+    dataset = wds.WebDataset(urls, shardshuffle=len(urls)).shuffle(1000).decode(decoder).to_tuple("png")
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=processes)
+    return timed_epoch((images for (images,) in loader), lambda: None)
+
+
 DROP_CACHES = Path("/proc/sys/vm/drop_caches")
 
 
@@ -210,6 +231,13 @@ def main() -> None:
                 if state == "cold":
                     drop_caches()
                 record(f"per-file, our decoder, {state}", per_file(paths, args.processes, args.batch_size, True))
+                if state == "cold":
+                    drop_caches()
+                record(f"webdataset pipeline, {state}", webdataset_pipeline(shard_dir, args.processes, args.batch_size))
+                if state == "cold":
+                    drop_caches()
+                record(f"webdataset, our decoder, {state}",
+                       webdataset_pipeline(shard_dir, args.processes, args.batch_size, True))
 
     print(f"{len(samples)} Fashion-MNIST images ({size}x{size} PNG), {args.processes} processes, batch {args.batch_size}, "
           f"best of {args.repeats}")  # fmt: skip
@@ -223,7 +251,10 @@ def main() -> None:
         print(f"  {state} cache: our loader / raw decode limit = {ours.rate / limit.rate:.2f}x (goal >= 0.90x; in CPU per "
               f"image {limit.cpu / ours.cpu:.2f}x), our loader / per-file loader = "
               f"{ours.rate / best[f'per-file loader, {state} cache'].rate:.2f}x (goal >= 1.50x), "
-              f"/ per-file with our decoder = {ours.rate / best[f'per-file, our decoder, {state}'].rate:.2f}x")
+              f"/ per-file with our decoder = {ours.rate / best[f'per-file, our decoder, {state}'].rate:.2f}x, "
+              f"/ webdataset's pipeline = {ours.rate / best[f'webdataset pipeline, {state}'].rate:.2f}x "
+              f"(in CPU per image {best[f'webdataset pipeline, {state}'].cpu / ours.cpu:.2f}x), "
+              f"/ webdataset with our decoder = {ours.rate / best[f'webdataset, our decoder, {state}'].rate:.2f}x")
 
 if __name__ == "__main__":
     main()
