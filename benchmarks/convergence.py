@@ -19,6 +19,20 @@ variants mean what they meant when measured, whatever the presets say today):
   new-init-free-bits  new-init with objective.free_bits=4 (per group, bits per image);
   new-init-free-bits-no-warmup  both: free bits 4 and no KL warm-up.
 
+Variants of the learning speed per unit of time (#15), each the preset as it is (its own KL
+warm-up and free bits) with one thing changed, against ``preset``:
+  preset              the config file as it is: the defaults a user gets;
+  lr-x2, lr-x0.5      optim.lr doubled or halved;
+  budget-cosine       the cosine schedule decays over the time budget (by seconds trained, to
+                      optim.min_lr_ratio) instead of over train.steps, which a short run never
+                      reaches: what a user who knows their budget would set;
+  batch-x0.5, batch-x2  data.batch_size halved or doubled (the same lr);
+  wide                model.width x1.5 (rounded to a multiple of 8);
+  deep                every block count of both block strings doubled.
+Every variant also keeps EMAs of its weights at three decays (0.99, 0.999, 0.9999, with the
+trainer's warm-up of the decay) and evaluates them at each point, so the EMA decay is compared
+on the same runs; only the update of the config's own decay is counted in the time.
+
 ``--merge`` keeps the variants of an earlier convergence.json that this run does not redo.
 
 The loop is the trainer's step (AdamW, the learning-rate schedule, clipping, update skipping,
@@ -36,6 +50,7 @@ import math
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -49,19 +64,38 @@ from fashion_mnist import write_shards  # noqa: E402  (beside this file)
 from pipeline.config import Config, load_config  # noqa: E402  (the repository, not an installed copy)
 from pipeline.data.builtin import ensure_builtin_dataset  # noqa: E402
 from pipeline.data.loader import EpochIterator, make_loader  # noqa: E402
+from pipeline.ema import EMA  # noqa: E402
 from pipeline.evaluate import evaluate  # noqa: E402
 from pipeline.model import VAE  # noqa: E402
 from pipeline.objective import kl_warmup_weight  # noqa: E402
 from pipeline.runs import resolve_input_statistics  # noqa: E402
 from pipeline.trainer import lr_factor  # noqa: E402
 
-VARIANTS = {
-    "new-init": ["objective.free_bits=0"],
-    "old-init": ["model.standardize_input=false", "objective.free_bits=0"],
-    "new-init-no-warmup": ["objective.kl_warmup_steps=0", "objective.free_bits=0"],
-    "new-init-free-bits": ["objective.free_bits=4"],
-    "new-init-free-bits-no-warmup": ["objective.free_bits=4", "objective.kl_warmup_steps=0"],
+def deeper(blocks: str) -> str:
+    """A block string with every repeat count (``RxN``) doubled; the resolution changes stay."""
+    return ",".join(f"{token.split('x')[0]}x{2 * int(token.split('x')[1])}" if "x" in token else token
+                    for token in blocks.split(","))  # fmt: skip
+
+
+# Each variant: the overrides it applies to the config (a function of the preset, for the
+# relative ones).
+VARIANTS: dict[str, Callable[[Config], list[str]]] = {
+    "new-init": lambda cfg: ["objective.free_bits=0"],
+    "old-init": lambda cfg: ["model.standardize_input=false", "objective.free_bits=0"],
+    "new-init-no-warmup": lambda cfg: ["objective.kl_warmup_steps=0", "objective.free_bits=0"],
+    "new-init-free-bits": lambda cfg: ["objective.free_bits=4"],
+    "new-init-free-bits-no-warmup": lambda cfg: ["objective.free_bits=4", "objective.kl_warmup_steps=0"],
+    "preset": lambda cfg: [],
+    "lr-x2": lambda cfg: [f"optim.lr={cfg.optim.lr * 2}"],
+    "lr-x0.5": lambda cfg: [f"optim.lr={cfg.optim.lr / 2}"],
+    "budget-cosine": lambda cfg: [],  # the schedule is the loop's (train_variant)
+    "batch-x0.5": lambda cfg: [f"data.batch_size={cfg.data.batch_size // 2}"],
+    "batch-x2": lambda cfg: [f"data.batch_size={cfg.data.batch_size * 2}"],
+    "wide": lambda cfg: [f"model.width={round(cfg.model.width * 1.5 / 8) * 8}"],
+    "deep": lambda cfg: [f"model.encoder_blocks={deeper(cfg.model.encoder_blocks)}",
+                         f"model.decoder_blocks={deeper(cfg.model.decoder_blocks)}"],  # fmt: skip
 }
+EMA_DECAYS = (0.99, 0.999, 0.9999)
 
 
 def data_urls(config: str, directory: Path) -> tuple[str, str]:
@@ -93,21 +127,45 @@ def heldout_bpd(model: VAE, batches: list[torch.Tensor]) -> dict[str, float]:
     return {"bpd": recon + kl, "recon_bpd": recon, "kl_bpd": kl}
 
 
+def budget_cosine(cfg: Config, step: int, trained: float, budget: float) -> float:
+    """The trainer's warm-up, then a cosine over the seconds of the budget instead of the steps."""
+    if step < cfg.optim.warmup_steps:
+        return lr_factor(cfg, step)
+    floor = cfg.optim.min_lr_ratio
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, trained / budget)))
+
+
+def point(model: VAE, emas: dict[float, EMA], heldout: list[torch.Tensor], **where) -> dict:
+    """One point of the curve: the live weights' held-out bits/dim, and each EMA's."""
+    result = {**where, **heldout_bpd(model, heldout)}
+    for decay, ema in emas.items():
+        with ema.applied(model):
+            result[f"ema_{decay}_bpd"] = heldout_bpd(model, heldout)["bpd"]
+    return result
+
+
 def train_variant(cfg: Config, train_urls: str, heldout: list[torch.Tensor], budget: float, eval_every: float,
-                  old_init: bool) -> dict:  # fmt: skip
+                  variant: str) -> dict:  # fmt: skip
     torch.manual_seed(cfg.train.seed)
     model = VAE(cfg.model)
-    if old_init:
+    if variant == "old-init":
         pytorch_default_biases(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2),
                                   weight_decay=cfg.optim.weight_decay)  # fmt: skip
     # The schedule's horizon: the steps the budget allows at the measured speed is unknown in
-    # advance, so the cosine runs over the config's train.steps as in a real run.
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(cfg, step))
+    # advance, so the cosine runs over the config's train.steps as in a real run (budget-cosine:
+    # over the seconds of the budget).
+    trained = 0.0
+    if variant == "budget-cosine":
+        factor = lambda step: budget_cosine(cfg, step, trained, budget)  # noqa: E731  (reads trained as it grows)
+    else:
+        factor = lambda step: lr_factor(cfg, step)  # noqa: E731
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    emas = {decay: EMA(model, decay) for decay in sorted({*EMA_DECAYS, cfg.objective.ema_decay})}
     batches = EpochIterator(*make_loader(train_urls, batch_size=cfg.data.batch_size, train=True, num_workers=1,
                                          channels=cfg.model.channels, shuffle_buffer=cfg.data.shuffle_buffer))  # fmt: skip
-    curve = [{"seconds": 0.0, "images": 0, "step": 0, **heldout_bpd(model, heldout)}]
-    trained, step, images, skipped = 0.0, 0, 0, 0
+    curve = [point(model, emas, heldout, seconds=0.0, images=0, step=0)]
+    step, images, skipped = 0, 0, 0
     next_eval = eval_every
     while trained < budget:
         start = time.perf_counter()
@@ -122,10 +180,14 @@ def train_variant(cfg: Config, train_urls: str, heldout: list[torch.Tensor], bud
         else:
             skipped += 1
         optimizer.zero_grad(set_to_none=True)
+        emas[cfg.objective.ema_decay].update(model, step)  # the trainer's own EMA: part of the step's time
         trained += time.perf_counter() - start
+        for decay, ema in emas.items():  # the other decays: compared on this run, not timed
+            if decay != cfg.objective.ema_decay:
+                ema.update(model, step)
         step, images = step + 1, images + len(batch)
         if trained >= next_eval or trained >= budget:
-            curve.append({"seconds": round(trained, 1), "images": images, "step": step, **heldout_bpd(model, heldout)})
+            curve.append(point(model, emas, heldout, seconds=round(trained, 1), images=images, step=step))
             next_eval += eval_every
     batches.close()
     report = evaluate(model, ({"image": b} for b in heldout), device="cpu")
@@ -193,9 +255,9 @@ def main() -> None:
                     break
             results.setdefault(config, {})
             for variant in args.variants.split(","):
-                cfg = load_config(REPO / "configs" / f"{config}.yaml", VARIANTS[variant])
+                cfg = load_config(REPO / "configs" / f"{config}.yaml", VARIANTS[variant](base))
                 cfg = resolve_input_statistics(cfg, train_urls)
-                result = train_variant(cfg, train_urls, heldout, args.budget, args.eval_every, variant == "old-init")
+                result = train_variant(cfg, train_urls, heldout, args.budget, args.eval_every, variant)
                 result["config"] = dataclasses.asdict(cfg.objective)
                 results[config][variant] = result
                 f, four = result["final"], result["four_problems"]
@@ -204,7 +266,8 @@ def main() -> None:
                       f" {f['images']} images, {f['seconds']:.0f} s; collapsed {four['collapsed_groups']}/{four['groups']},"
                       f" active {four['active_units']}/{four['units']}, agg-KL {four['aggregate_posterior_kl_group0']:.1f},"
                       f" var-ratio {four['variance_ratio_samples']:.2f}/{four['variance_ratio_reconstructions']:.2f},"
-                      f" PSNR {four['psnr_db']:.2f}", flush=True)  # fmt: skip
+                      f" PSNR {four['psnr_db']:.2f}; EMA " + ", ".join(f"{d}: {f[f'ema_{d}_bpd']:.3f}" for d in EMA_DECAYS),
+                      flush=True)  # fmt: skip
     (out / "convergence.json").write_text(json.dumps(results, indent=1) + "\n")
     plot(results, out / "convergence.png")
     print(f"wrote {out / 'convergence.json'} and {out / 'convergence.png'}")
