@@ -36,6 +36,10 @@ def _training_section(training: dict[str, Any]) -> list[str]:
         f" x {_number(training.get('grad_accum_steps', 1))} accumulation x {_number(training.get('processes'))} processes)",
         f"- device-hours: {_number(hours, 4)} ({training.get('device_type', 'device')}; wall-clock of the training"
         " starts x processes, each start counted up to the export or its last checkpoint)",
+        f"- compute: {_number(training.get('flops_per_image'))} FLOPs per image forward (convs, 2 x multiply-adds;"
+        " a training step ~3x that); energy: "
+        + (f"{training['energy_j']:,.0f} J ({training.get('energy_source')})" if training.get("energy_j") is not None
+           else str(training.get("energy_source") or "not measured")),
         f"- weights: {training.get('weights', 'ema')}", "",
     ]  # fmt: skip
 

@@ -35,6 +35,16 @@ from pipeline.checkpoint import (
     save_checkpoint,
 )
 from pipeline.config import Config, config_from_dict
+from pipeline.cost import (
+    EnergyMeter,
+    RunCost,
+    energy_over_processes,
+    plot_quality_against_cost,
+    read_history,
+    record_evaluation,
+    save_history,
+    vae_flops_per_image,
+)
 from pipeline.distributed import full_training_state, is_deepspeed, load_optimizer_state, zero_stage
 from pipeline.data.loader import EpochIterator, make_loader
 from pipeline.data.streams import DataError, StreamOptions
@@ -46,6 +56,7 @@ from pipeline.model import VAE
 from pipeline.model.noise import StepNoise
 from pipeline.objective import kl_warmup_weight
 from pipeline.progress import Progress
+from pipeline.run_info import gather_hostnames, loggable_params, mask_text, run_tags, secret_values
 from pipeline.runs import (
     check_shards_fit_model,
     checkpoint_to_resume,
@@ -118,6 +129,7 @@ class Trainer:
         self.noise = StepNoise(accelerator.process_index, accelerator.num_processes, cfg.train.grad_accum_steps,
                                accelerator.device)  # fmt: skip
         self.micro_batch = 0
+        self.data_wait_s = self.step_s = 0.0  # this update's micro-batches so far (train_step)
         self.side_model: VAE | None = None  # the model evaluation and exports use (_side_work)
         self.updates = UpdateGuard(accelerator, self.scheduler, cfg)
 
@@ -141,6 +153,14 @@ class Trainer:
         self.first_eval: dict[str, float] | None = None
         self.progress: Progress | None = None
         run_id = self._resume(*resumed[1:]) if resumed else None
+        # Counted on a meta-device copy: no compute, and no ZeRO-3 gather on one process alone.
+        meter = EnergyMeter(accelerator.device, count_node=accelerator.local_process_index == 0)
+        self.cost = RunCost(vae_flops_per_image(cfg.model), meter, self.device_seconds_before,
+                            resumed[2].get("cost") if resumed else None)  # fmt: skip
+        # Every evaluation with the device-hours spent until it, for the quality-against-cost figure.
+        self.history_path = self.run_dir / "eval" / "history.json"
+        self.eval_history = read_history(self.history_path, self.step) if resumed and self.is_main else []
+        self.final_cost: dict[str, Any] | None = None
         self.tracker = Tracker(
             active=self.is_main and cfg.tracking.enabled,
             tracking_uri=cfg.tracking.tracking_uri,
@@ -213,10 +233,12 @@ class Trainer:
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-            self.tracker.log_params(cfg.flat())
+        hostnames = gather_hostnames()  # a collective: before the main-only block
+        if self.is_main:
+            self.tracker.log_params(loggable_params(cfg.flat()))
             strategy = f"deepspeed-zero{zero_stage(self.model)}" if self.deepspeed else str(acc.distributed_type).lower()
-            self.tracker.set_tags({"num_processes": acc.num_processes, "mixed_precision": acc.mixed_precision,
-                                   "strategy": strategy})  # fmt: skip
+            self.tracker.set_tags(run_tags(world_size=acc.num_processes, precision=acc.mixed_precision, strategy=strategy,
+                                           hostnames=hostnames) | {"energy_source": self.cost.energy_source()})  # fmt: skip
         if self.is_main:
             clear_stopped(self.run_dir)  # a stop record of an earlier start is history now
         self.progress = Progress(cfg.train.steps, self.step, enabled=self.is_main, every_s=cfg.train.progress_every)
@@ -240,7 +262,11 @@ class Trainer:
                 elapsed = time.perf_counter() - interval_start
                 metrics = {f"train/{k}": v for k, v in self._mean_over_processes(sums, interval_steps).items()}
                 images = interval_steps * cfg.data.batch_size * cfg.train.grad_accum_steps * acc.num_processes
+                # Over the whole interval and all processes: the share of step time spent waiting for a batch.
+                metrics["train/data_wait_fraction"] = metrics.pop("train/data_wait_s") / metrics.pop("train/step_s")
                 metrics |= self._data_counts()
+                self.cost.add_training(images, elapsed)
+                metrics |= RunCost.metrics(self.cost.report(self.device_seconds(), energy_over_processes(acc, self.cost.meter)))
                 metrics |= {
                     "train/images_per_s": images / elapsed,
                     "train/lr": self.scheduler.get_last_lr()[0],
@@ -282,17 +308,32 @@ class Trainer:
         stop = self.stop.should_stop(acc, self.step)
         if stop:
             self._stop_now(stop)
+        self._account_cost()  # before the main-only report: it reduces over processes
         with self._side_work():
             # The report first: the encoder's model card quotes it.
             report = self.write_eval_report()
             self.export_encoder(report)
-        summary = {"step": self.step, "first_eval": self.first_eval, "final_eval": final, "mlflow_run_id": self.tracker.run_id}
+        summary = {"step": self.step, "first_eval": self.first_eval, "final_eval": final, "cost": self.final_cost,
+                   "mlflow_run_id": self.tracker.run_id}  # fmt: skip
         if self.is_main:
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            self.tracker.log_artifact(self.run_dir / "summary.json")
             start = f"{self.first_eval['eval/loss']:.3f}" if self.first_eval else "not measured"
             log.info("held-out bits/dim: %s at the start, %.3f now, %.3f with the EMA weights (step %d)",
                      start, final["eval/loss"], final["eval_ema/loss"], self.step)
         return summary
+
+    def _account_cost(self) -> None:
+        """The run's cost up to its final evaluation, as metrics and in ``self.final_cost``, and
+        the figure of held-out bits/dim against device-hours (main process)."""
+        self.final_cost = self.cost.report(self.device_seconds(), energy_over_processes(self.accelerator, self.cost.meter))
+        self.tracker.log_metrics(RunCost.metrics(self.final_cost), self.step)
+        if self.is_main:
+            figure = plot_quality_against_cost(self.eval_history, self.run_dir / "eval" / "quality_vs_cost.png",
+                                               self.final_cost)  # fmt: skip
+            self.tracker.log_artifact(figure, "eval")
+            self.tracker.log_artifact(self.history_path, "eval")
+            self.tracker.set_tags({"energy_source": self.final_cost["energy_source"]})
 
     def _stop_now(self, code: int) -> None:
         """Every rank agreed to stop after ``self.step``: checkpoint it (the save is a no-op when
@@ -313,7 +354,9 @@ class Trainer:
     def train_step(self) -> dict[str, torch.Tensor] | None:
         """One micro-batch; returns detached stats when an optimizer update happened (or was skipped)."""
         objective = self.cfg.objective
+        started = time.perf_counter()
         batch = next(self.train_batches)
+        self.data_wait_s += time.perf_counter() - started
         with self.accelerator.accumulate(self.model), self.noise.micro_batch(self.micro_batch):
             images = batch["image"].to(self.accelerator.device, non_blocking=True)
             out = self.model(images, kl_weight=self.kl_weight(), free_bits=objective.free_bits)
@@ -322,6 +365,7 @@ class Trainer:
             self.accelerator.backward(out["loss"])
             if not self.accelerator.sync_gradients:
                 self.micro_batch += 1
+                self.step_s += time.perf_counter() - started
                 return None
             self.micro_batch = 0
             if self.deepspeed:
@@ -333,6 +377,11 @@ class Trainer:
         stats = {k: v.detach() for k, v in out.items() if k != "kl_bpd_per_group"}
         stats |= {f"kl_bpd/group_{i:02d}": v for i, v in enumerate(out["kl_bpd_per_group"])}
         stats["grad_norm"] = grad_norm.detach().float()
+        # CPU-side times (an update's micro-batches together); fit turns them into the wait fraction.
+        self.step_s += time.perf_counter() - started
+        stats["data_wait_s"] = torch.tensor(self.data_wait_s, device=grad_norm.device)
+        stats["step_s"] = torch.tensor(self.step_s, device=grad_norm.device)
+        self.data_wait_s = self.step_s = 0.0
         # Averaged over the log interval: the share of updates skipped for a large or non-finite
         # norm, and (fp16) of steps dropped by the loss scaler for an overflow.
         stats["skip_rate"] = torch.tensor(float(outcome == "skipped"), device=grad_norm.device)
@@ -380,6 +429,8 @@ class Trainer:
                 self._watch_collapse(report["collapsed_groups"], model.num_groups)
             model.train()
         if self.is_main:
+            self.eval_history = record_evaluation(self.eval_history, self.step, self.device_seconds() / 3600, metrics)
+            save_history(self.eval_history, self.history_path)
             self.progress.write(f"step {self.step}: held-out {metrics['eval/loss']:.4f} bits/dim "
                        f"(reconstruction {metrics['eval/recon_bpd']:.4f} + KL {metrics['eval/kl_bpd']:.4f}); "
                        f"EMA weights {metrics['eval_ema/loss']:.4f}")
@@ -445,7 +496,8 @@ class Trainer:
         acc = self.accelerator
         # Every rank contributes its own data position and RNG, and under ZeRO its slices of the
         # weights and optimizer state (gathered: a collective); the main process writes.
-        per_rank = gather_object([{"data": self.train_batches.state_dict(), "rng": capture_rng()}])
+        per_rank = gather_object([{"data": self.train_batches.state_dict(), "rng": capture_rng(),
+                                   "energy_j": self.cost.meter.joules()}])  # fmt: skip
         weights, optimizer_state = full_training_state(acc, self.model, self.optimizer)
         acc.wait_for_everyone()
         if self.is_main:
@@ -460,6 +512,8 @@ class Trainer:
                 "scheduler": self.scheduler.state_dict(),
                 "first_eval": self.first_eval,
                 "device_seconds": self.device_seconds(),
+                "cost": self.cost.state(self.device_seconds(), None if any(r["energy_j"] is None for r in per_rank)
+                                        else sum(r["energy_j"] for r in per_rank)),  # fmt: skip
                 "mlflow_run_id": self.tracker.run_id,
                 "config": self.cfg.to_dict(),
                 "versions": {"torch": torch.__version__, "pipeline": __import__("pipeline").__version__},
@@ -530,12 +584,18 @@ class Trainer:
         # The manifest split the training URLs were read through (the same lookup as the input statistics').
         manifest, _, split = next(iter(manifest_splits(urls, StreamOptions.from_config(cfg.data))), "").rpartition("#")
         counts = [s.samples for s in self.train_batches.dataset.shards]
+        secrets = secret_values()  # a token expanded into a pipe: URL must not reach the card
+        urls = [mask_text(u, secrets) for u in urls] if isinstance(urls, list) else mask_text(urls, secrets)
+        manifest = mask_text(manifest, secrets)
+        cost = self.final_cost or {}
         return {
             "train_urls": urls, "manifest": manifest or None, "split": split or None,
             "train_samples": None if None in counts else sum(counts),
             "steps": self.step, "batch_size": cfg.data.batch_size, "grad_accum_steps": cfg.train.grad_accum_steps,
             "processes": acc.num_processes, "device_type": acc.device.type,
             "device_hours": self.device_seconds() / 3600, "weights": "ema",
+            "flops_per_image": cost.get("flops_per_image"), "energy_j": cost.get("energy_j"),
+            "energy_source": cost.get("energy_source"),
             "report": report,
         }  # fmt: skip
 
