@@ -395,8 +395,8 @@ class Config:
     def __post_init__(self) -> None:
         rollback, stall = self.train.rollback_after_nonfinite, self.objective.max_consecutive_skips
         if rollback and rollback >= stall:
-            raise ConfigError(f"train.rollback_after_nonfinite={rollback}: must be below objective.max_consecutive_skips="
-                              f"{stall}, or the stall stop would end the run before any rollback")  # fmt: skip
+            raise ConfigError(f"train.rollback_after_nonfinite={rollback}: must be below "
+                              f"objective.max_consecutive_skips={stall}, or the stall stop would end the run first")  # fmt: skip
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -38,7 +38,8 @@ class NonfiniteInjection:
         parameter's gradient is replaced as backward computes it. That is before DDP's all-reduce
         (which hooks the accumulated gradient) or DeepSpeed's reduction: a fault on one rank's
         backward, which the reduction hands to every rank."""
-        log.warning("faults.inject_nonfinite_steps: making the %s non-finite (%s) on rank %d", self.into, self.value, self.rank)
+        log.warning("faults.inject_nonfinite_steps: making the %s non-finite (%s) on rank %d",
+                    self.into, self.value, self.rank)  # fmt: skip
         if self.into == "loss":
             return loss * self.value  # (not +: adding a constant would leave the gradient finite)
         parameter = next(p for p in model.parameters() if p.requires_grad)

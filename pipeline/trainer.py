@@ -383,7 +383,8 @@ class Trainer:
 
     def _checkpoint_before(self, step: int) -> Path:
         """The newest whole checkpoint of at most ``step``: this run's, else checkpoint.resume_from."""
-        own = [p for p in reversed(list_checkpoints(self.checkpoint_dir)) if int(CHECKPOINT_DIR.match(p.name)[1]) <= step]
+        own = [p for p in reversed(list_checkpoints(self.checkpoint_dir))
+               if int(CHECKPOINT_DIR.match(p.name)[1]) <= step]  # fmt: skip
         resume_from = [Path(self.cfg.checkpoint.resume_from)] if self.cfg.checkpoint.resume_from else []
         for path in own + resume_from:
             try:
