@@ -290,6 +290,15 @@ class TrainConfig:
     """Seconds between plain progress lines (step, loss, images/s, ETA) when neither stderr nor
     stdout is a terminal (a batch job's log file), instead of a progress bar whose carriage
     returns would turn the log into one endless line."""
+    rollback_after_nonfinite: int = 0
+    """After this many updates in a row with a non-finite gradient norm (each one skipped), roll
+    back to the newest checkpoint written before they began: weights, optimizer, EMA, schedule,
+    loss scale and step counter, but not the data, which goes on past the batches that diverged
+    (PaLM's restart before a loss spike). Must be below ``objective.max_consecutive_skips``, so
+    the rollback comes before the stall stop. 0: off (refused under DeepSpeed)."""
+    max_rollbacks: int = 3
+    """Rollbacks allowed in the whole run (counted in the checkpoints, so across resumes); one
+    more needed stops the run with exit 4, its newest checkpoint left as it was."""
 
     def __post_init__(self) -> None:
         if not self.run_dir.strip():
@@ -298,7 +307,7 @@ class TrainConfig:
                               "give a directory, e.g. runs/my-run")
         _check_positive(self, "steps", "grad_accum_steps", "log_every", "eval_every", "image_every",
                         "collective_timeout", "progress_every")  # fmt: skip
-        _check_non_negative(self, "eval_batches", "final_iw_samples")
+        _check_non_negative(self, "eval_batches", "final_iw_samples", "rollback_after_nonfinite", "max_rollbacks")
         if not 0 <= self.collapse_warning_share <= 1:
             raise ConfigError(f"train.collapse_warning_share: must be in [0, 1], got {self.collapse_warning_share}")
         self.time_limit_seconds()  # a malformed limit fails at start, not when it is reached
@@ -345,6 +354,34 @@ class TrackingConfig:
 
 
 @dataclass
+class FaultsConfig:
+    """FOR FAULT TESTS ONLY: faults a run makes on purpose, to show what the pipeline does with
+    them (tests/test_nonfinite.py). Empty by default, and then nothing is injected and nothing
+    costs anything; never set in a real run."""
+
+    inject_nonfinite_steps: list[int] = field(default_factory=list)
+    """Optimizer steps (numbered as in the logs and checkpoints, 1 the first update) whose loss or
+    gradient is made non-finite on the ranks of ``inject_ranks``. Each is poisoned the first time
+    this process computes it; the same step computed again after a rollback is clean, as after
+    a transient fault."""
+    inject_ranks: list[int] = field(default_factory=lambda: [0])
+    """The processes (ranks) that poison those steps; the others compute their share normally."""
+    inject_into: Literal["loss", "gradient"] = "loss"
+    """``loss``: the step's loss becomes non-finite, hence every gradient; ``gradient``: the local
+    gradient of one parameter, before the all-reduce, while the loss stays finite."""
+    inject_value: Literal["nan", "inf"] = "nan"
+    """What the poisoned loss or gradient becomes."""
+
+    def __post_init__(self) -> None:
+        if any(step <= 0 for step in self.inject_nonfinite_steps):
+            raise ConfigError(f"faults.inject_nonfinite_steps: steps count from 1, got {self.inject_nonfinite_steps}")
+        if any(rank < 0 for rank in self.inject_ranks):
+            raise ConfigError(f"faults.inject_ranks: ranks count from 0, got {self.inject_ranks}")
+        if self.inject_nonfinite_steps and not self.inject_ranks:
+            raise ConfigError("faults.inject_ranks: empty, so faults.inject_nonfinite_steps would inject nothing")
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -353,6 +390,13 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    faults: FaultsConfig = field(default_factory=FaultsConfig)
+
+    def __post_init__(self) -> None:
+        rollback, stall = self.train.rollback_after_nonfinite, self.objective.max_consecutive_skips
+        if rollback and rollback >= stall:
+            raise ConfigError(f"train.rollback_after_nonfinite={rollback}: must be below "
+                              f"objective.max_consecutive_skips={stall}, or the stall stop would end the run first")  # fmt: skip
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -148,6 +148,11 @@ def make_accelerator(cfg: Config):
             "be skipped for a large (finite) norm; non-finite ones are still skipped. Set objective.skip_threshold=0, "
             "or train with DDP"
         )
+    if cfg.train.rollback_after_nonfinite > 0:
+        raise ConfigError(
+            "train.rollback_after_nonfinite > 0 under DeepSpeed: putting a checkpoint back into a running engine's "
+            "partitions is not done; non-finite updates are still skipped and counted. Set it to 0, or train with DDP"
+        )
     if os.environ.get("ACCELERATE_USE_CPU", "false").lower() == "true":
         raise ConfigError("DeepSpeed with use_cpu/--cpu: Accelerate would silently drop DeepSpeed. Leave use_cpu out; "
                           "without a GPU the pipeline runs DeepSpeed over gloo by itself")  # fmt: skip

@@ -25,14 +25,17 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object, set_seed
 
 from pipeline.checkpoint import (
+    CHECKPOINT_DIR,
     CheckpointError,
     capture_rng,
     checkpoint_name,
+    list_checkpoints,
     load_checkpoint,
     load_ema,
     remove_stale_temporaries,
     restore_rng,
     save_checkpoint,
+    verify_checkpoint,
 )
 from pipeline.config import Config, config_from_dict
 from pipeline.cost import (
@@ -51,6 +54,7 @@ from pipeline.data.streams import DataError, StreamOptions
 from pipeline.ema import EMA
 from pipeline.encoder import Encoder
 from pipeline.evaluate import evaluate, flat_metrics, plot_report
+from pipeline.fault_injection import NonfiniteInjection
 from pipeline.images import sample_and_reconstruction_grid
 from pipeline.model import VAE
 from pipeline.model.noise import StepNoise
@@ -66,7 +70,7 @@ from pipeline.runs import (
 )
 from pipeline.stopping import StopRequests, TrainingStopped, clear_stopped, reason, write_stopped
 from pipeline.tracking import Tracker
-from pipeline.updates import UpdateGuard
+from pipeline.updates import TrainingDiverged, UpdateGuard
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +136,7 @@ class Trainer:
         self.data_wait_s = self.step_s = 0.0  # this update's micro-batches so far (train_step)
         self.side_model: VAE | None = None  # the model evaluation and exports use (_side_work)
         self.updates = UpdateGuard(accelerator, self.scheduler, cfg)
+        self.injection = NonfiniteInjection(cfg.faults, accelerator.process_index, accelerator.num_processes)
 
         data = cfg.data
         options = StreamOptions.from_config(data)
@@ -204,6 +209,7 @@ class Trainer:
         self.step = state["step"]
         self.device_seconds_before = state.get("device_seconds", 0.0)  # checkpoints before it: unknown
         self.updates.skipped, self.updates.overflows = state["skipped_updates"], state.get("overflow_steps", 0)
+        self.updates.nonfinite, self.updates.rollbacks = state.get("nonfinite_updates", 0), state.get("rollbacks", 0)
         if state.get("loss_scale") and self.accelerator.scaler is not None:
             self.accelerator.scaler.load_state_dict(state["loss_scale"])
         self.first_eval = state.get("first_eval")
@@ -272,6 +278,7 @@ class Trainer:
                     "train/lr": self.scheduler.get_last_lr()[0],
                     "train/skipped_updates": self.updates.skipped,
                     "train/overflow_steps": self.updates.overflows,
+                    "train/nonfinite_updates": self.updates.nonfinite,
                     "train/kl_weight": self.kl_weight(),
                     "train/ema_decay": self.ema.decay_at(self.step),
                     "train/epoch": self.train_batches.epoch,
@@ -281,6 +288,9 @@ class Trainer:
                 sums.clear()
                 interval_start, interval_steps = time.perf_counter(), 0
             self.progress.update(self.step)
+            if self.updates.rollback_due:  # train.rollback_after_nonfinite non-finite updates in a row
+                self.roll_back()
+                continue
             # Before this step's evaluation and images: a stop must not wait for them.
             stop = self.stop.should_stop(acc, self.step)
             if stop:
@@ -292,7 +302,7 @@ class Trainer:
             if self.step % cfg.train.image_every == 0 and self.step < cfg.train.steps:
                 with self._side_work():
                     self.log_images()
-            if self.step % cfg.checkpoint.every == 0:
+            if self.step % cfg.checkpoint.every == 0 and not self.updates.diverging:
                 self.save()
             interval_start += time.perf_counter() - paused  # images/s counts training time only
         self.progress.close()
@@ -360,6 +370,8 @@ class Trainer:
         with self.accelerator.accumulate(self.model), self.noise.micro_batch(self.micro_batch):
             images = batch["image"].to(self.accelerator.device, non_blocking=True)
             out = self.model(images, kl_weight=self.kl_weight(), free_bits=objective.free_bits)
+            if self.injection.due(self.step + 1, self.micro_batch):  # faults.*: fault tests only
+                out["loss"] = self.injection.poison(out["loss"], self.model)
             skipped_before = self.model.skipped_steps if self.deepspeed else 0
             # Under DeepSpeed this also clips and steps on the last micro-batch (one engine call).
             self.accelerator.backward(out["loss"])
@@ -374,6 +386,9 @@ class Trainer:
                 grad_norm, outcome = self.updates.step(self.model, self.optimizer)
         if outcome == "stepped":
             self._update_ema()
+        elif outcome == "skipped" and not torch.isfinite(grad_norm):  # on every rank: each must have skipped it
+            log.warning("rank %d: update of step %d skipped, gradient norm %s", self.accelerator.process_index,
+                        self.step + 1, grad_norm.item())  # fmt: skip
         stats = {k: v.detach() for k, v in out.items() if k != "kl_bpd_per_group"}
         stats |= {f"kl_bpd/group_{i:02d}": v for i, v in enumerate(out["kl_bpd_per_group"])}
         stats["grad_norm"] = grad_norm.detach().float()
@@ -387,6 +402,48 @@ class Trainer:
         stats["skip_rate"] = torch.tensor(float(outcome == "skipped"), device=grad_norm.device)
         stats["overflow_rate"] = torch.tensor(float(outcome == "overflow"), device=grad_norm.device)
         return stats
+
+    def roll_back(self) -> None:
+        """``train.rollback_after_nonfinite`` non-finite updates in a row: back to the newest
+        checkpoint written before they began. Weights, optimizer, EMA, schedule, loss scale and
+        the step counter (which the schedule, the KL and EMA warm-ups and checkpoint names read)
+        go back; the data position and the random numbers do not: the run goes on with the
+        batches after those that diverged, as PaLM did, since replaying them would meet the same
+        spike. The same on every rank (the decision comes from all-reduced gradients)."""
+        diverged_at = self.step
+        newest_allowed = self.updates.begin_rollback(self.step)  # raises after train.max_rollbacks
+        path = self._checkpoint_before(newest_allowed)
+        module = self.accelerator.unwrap_model(self.model)
+        weights, optimizer_state, state = load_checkpoint(path, [name for name, _ in module.named_parameters()])
+        module.load_state_dict(weights)
+        self.ema.load_state_dict(load_ema(path) or weights)
+        load_optimizer_state(self.accelerator, self.model, self.optimizer, optimizer_state)
+        self.scheduler.load_state_dict(state["scheduler"])
+        if state.get("loss_scale") and self.accelerator.scaler is not None:
+            self.accelerator.scaler.load_state_dict(state["loss_scale"])
+        self.step = state["step"]
+        message = (f"step {diverged_at}: {self.cfg.train.rollback_after_nonfinite} updates in a row with a non-finite "
+                   f"gradient norm; rolled back to {path} (rollback {self.updates.rollbacks} of at most "
+                   f"{self.cfg.train.max_rollbacks}), the data going on past the batches that diverged")  # fmt: skip
+        if self.is_main:
+            log.warning("%s", message)
+            self.tracker.log_metrics({"train/rollbacks": self.updates.rollbacks}, diverged_at)
+            self.tracker.set_tags({"last_rollback": message})
+
+    def _checkpoint_before(self, step: int) -> Path:
+        """The newest whole checkpoint of at most ``step``: this run's, else checkpoint.resume_from."""
+        own = [p for p in reversed(list_checkpoints(self.checkpoint_dir))
+               if int(CHECKPOINT_DIR.match(p.name)[1]) <= step]  # fmt: skip
+        resume_from = [Path(self.cfg.checkpoint.resume_from)] if self.cfg.checkpoint.resume_from else []
+        for path in own + resume_from:
+            try:
+                if verify_checkpoint(path)["step"] <= step:
+                    return path
+            except CheckpointError as err:
+                log.warning("cannot roll back to %s: %s", path, err)
+        raise TrainingDiverged(f"{self.cfg.train.rollback_after_nonfinite} updates in a row with a non-finite gradient "
+                               f"norm up to step {self.step}, and no whole checkpoint of step {step} or earlier to roll "
+                               "back to: lower optim.lr, or checkpoint more often (checkpoint.every)")  # fmt: skip
 
     def _update_ema(self) -> None:
         module = self.accelerator.unwrap_model(self.model)
@@ -506,6 +563,8 @@ class Trainer:
                 "strategy": f"deepspeed-zero{zero_stage(self.model)}" if self.deepspeed else str(acc.distributed_type).lower(),
                 "skipped_updates": self.updates.skipped,
                 "overflow_steps": self.updates.overflows,
+                "nonfinite_updates": self.updates.nonfinite,
+                "rollbacks": self.updates.rollbacks,
                 "loss_scale": acc.scaler.state_dict() if acc.scaler is not None else None,
                 "data": [r["data"] for r in per_rank],
                 "rng": [r["rng"] for r in per_rank],

@@ -11,7 +11,20 @@ Three outcomes, told apart because they mean different things:
   counted apart and never fed to the stall guard.
 
 Every rank takes the same decision: the norm is computed from all-reduced gradients (DDP) or
-by DeepSpeed over all partitions, so the replicas never diverge.
+by DeepSpeed over all partitions, so the replicas never diverge. A non-finite gradient on one
+rank makes the reduced one non-finite on every rank, so all of them skip that update.
+
+A skipped update leaves the weights, the optimizer state (AdamW's moments and its step counter)
+and the EMA bitwise as they were, and the learning-rate schedule where it was (it counts applied
+updates); the trainer's step counter still advances, as the batch was consumed.
+
+Skips of a non-finite norm are counted apart too (``nonfinite``). With
+``train.rollback_after_nonfinite`` = K, K of them in a row make ``rollback_due`` true and the
+trainer rolls back to its last checkpoint (``Trainer.roll_back``); once ``train.max_rollbacks``
+rollbacks have been made, the next one needed stops the run (``TrainingDiverged``, exit 4).
+Both counters of updates in a row start again at zero after a rollback. K is below
+``objective.max_consecutive_skips`` (the config checks it), so a run of non-finite updates meets
+the rollback first; the stall stop still ends runs of skips for a large finite norm.
 """
 
 from __future__ import annotations
@@ -25,14 +38,45 @@ class TrainingStalled(RuntimeError):
     """Training cannot make progress (e.g. every update is being skipped)."""
 
 
+class TrainingDiverged(TrainingStalled):
+    """Non-finite updates in a row once more after ``train.max_rollbacks`` rollbacks."""
+
+
 class UpdateGuard:
     def __init__(self, accelerator, scheduler: torch.optim.lr_scheduler.LRScheduler, cfg: Config) -> None:
         self.accelerator, self.scheduler = accelerator, scheduler
         self.grad_clip = cfg.optim.grad_clip
         self.skip_threshold = cfg.objective.skip_threshold
         self.max_consecutive_skips = cfg.objective.max_consecutive_skips
+        self.rollback_after, self.max_rollbacks = cfg.train.rollback_after_nonfinite, cfg.train.max_rollbacks
         self.fp16 = cfg.train.mixed_precision == "fp16"
         self.skipped, self.overflows, self.consecutive_skips = 0, 0, 0
+        self.nonfinite, self.consecutive_nonfinite, self.rollbacks = 0, 0, 0
+
+    @property
+    def rollback_due(self) -> bool:
+        return 0 < self.rollback_after <= self.consecutive_nonfinite
+
+    @property
+    def diverging(self) -> bool:
+        """Non-finite updates in a row that may end in a rollback: a checkpoint written now would
+        hold the weights that diverged (and could prune an older, good one)."""
+        return self.rollback_after > 0 and self.consecutive_nonfinite > 0
+
+    def begin_rollback(self, step: int) -> int:
+        """Counts a rollback and returns the newest step it may go back to (the one before the
+        non-finite updates began); TrainingDiverged when ``train.max_rollbacks`` are spent."""
+        streak = self.consecutive_nonfinite
+        if self.rollbacks >= self.max_rollbacks:
+            raise TrainingDiverged(
+                f"{streak} updates in a row with a non-finite gradient norm up to step {step}, after "
+                f"{self.rollbacks} rollback(s) already (train.max_rollbacks={self.max_rollbacks}): the run diverges "
+                "whatever the data. Its newest checkpoint is left as it was; lower optim.lr, raise "
+                "objective.kl_warmup_steps or check the data before resuming"
+            )
+        self.rollbacks += 1
+        self.consecutive_nonfinite = self.consecutive_skips = 0
+        return step - streak
 
     def step(self, model: torch.nn.Module, optimizer) -> tuple[torch.Tensor, str]:
         """DDP or one process, after the last micro-batch's backward: clip, then decide."""
@@ -72,12 +116,17 @@ class UpdateGuard:
     def _record(self, outcome: str, grad_norm: torch.Tensor) -> None:
         if outcome == "stepped":
             self.scheduler.step()
-            self.consecutive_skips = 0
+            self.consecutive_skips = self.consecutive_nonfinite = 0
         elif outcome == "overflow":
             self.overflows += 1
         else:
             self.skipped += 1
             self.consecutive_skips += 1
+            if torch.isfinite(grad_norm):  # skipped for a large norm: not a run of non-finite ones
+                self.consecutive_nonfinite = 0
+            else:
+                self.nonfinite += 1
+                self.consecutive_nonfinite += 1
             if self.consecutive_skips >= self.max_consecutive_skips:
                 raise TrainingStalled(
                     f"the last {self.consecutive_skips} updates were all skipped (grad norm {grad_norm.item():.4g}, "

@@ -10,7 +10,7 @@ import torch
 from accelerate import Accelerator
 
 from pipeline.config import load_config
-from pipeline.updates import TrainingStalled, UpdateGuard
+from pipeline.updates import TrainingDiverged, TrainingStalled, UpdateGuard
 
 
 def _setup(*overrides, init_scale=None):
@@ -68,3 +68,49 @@ def test_skips_in_a_row_stop_the_run():
     _step(accelerator, model, optimizer, guard)
     with pytest.raises(TrainingStalled, match="last 3 updates were all skipped"):
         _step(accelerator, model, optimizer, guard)
+
+
+def _nan_step(accelerator, model, optimizer, guard):
+    loss = model(torch.ones(2, 4)).pow(2).mean() * float("nan")
+    accelerator.backward(loss)
+    return guard.step(model, optimizer)
+
+
+def test_a_nonfinite_norm_is_a_skip_counted_apart_and_only_a_run_of_them_makes_a_rollback_due():
+    accelerator, model, optimizer, scheduler, guard = _setup(
+        "objective.skip_threshold=50", "train.rollback_after_nonfinite=2", "objective.max_consecutive_skips=5")
+    _step(accelerator, model, optimizer, guard)  # one applied update: AdamW has its state
+    before = model.weight.detach().clone()
+    adam = {k: v.clone() for k, v in optimizer.state[optimizer.param_groups[0]["params"][0]].items()}
+    norm, outcome = _nan_step(accelerator, model, optimizer, guard)
+    assert outcome == "skipped" and torch.isnan(norm) and not guard.rollback_due and guard.diverging
+    assert torch.equal(model.weight, before) and scheduler.last_epoch == 1
+    after = optimizer.state[optimizer.param_groups[0]["params"][0]]
+    assert all(torch.equal(after[k], adam[k]) for k in adam) and after["step"].item() == 1
+    # A skip for a large finite norm ends the run of non-finite ones (the stall guard counts both).
+    assert _step(accelerator, model, optimizer, guard, scale=1e3)[1] == "skipped"
+    assert (guard.skipped, guard.nonfinite, guard.consecutive_nonfinite, guard.consecutive_skips) == (2, 1, 0, 2)
+    _nan_step(accelerator, model, optimizer, guard)
+    assert not guard.rollback_due
+    _nan_step(accelerator, model, optimizer, guard)
+    assert guard.rollback_due and guard.nonfinite == 3
+
+
+def test_a_rollback_goes_back_before_the_run_and_one_more_than_allowed_is_an_error():
+    accelerator, model, optimizer, _, guard = _setup("train.rollback_after_nonfinite=2", "train.max_rollbacks=1")
+    for _ in range(2):
+        _nan_step(accelerator, model, optimizer, guard)
+    assert guard.begin_rollback(step=9) == 7  # steps 8 and 9 were non-finite: a checkpoint of 7 or before
+    assert (guard.rollbacks, guard.consecutive_nonfinite, guard.consecutive_skips) == (1, 0, 0)
+    assert not guard.rollback_due and not guard.diverging
+    for _ in range(2):
+        _nan_step(accelerator, model, optimizer, guard)
+    with pytest.raises(TrainingDiverged, match=r"up to step 12, after 1 rollback\(s\) already \(train.max_rollbacks=1\)"):
+        guard.begin_rollback(step=12)
+    assert isinstance(TrainingDiverged("x"), TrainingStalled)  # train.py's exit 4
+
+
+def test_under_fp16_a_nonfinite_norm_is_the_scalers_overflow_and_never_a_rollback():
+    accelerator, model, optimizer, _, guard = _setup("train.rollback_after_nonfinite=2", init_scale=2.0**8)
+    outcomes = [_nan_step(accelerator, model, optimizer, guard)[1] for _ in range(3)]
+    assert outcomes == ["overflow"] * 3 and guard.nonfinite == 0 and not guard.rollback_due
