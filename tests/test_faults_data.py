@@ -193,7 +193,7 @@ def _without_images(paths: list[str]) -> None:
         os.replace(_text_tar(f"{path}.new"), path)
 
 
-def _trainer(tmp_path, train: str, heldout: str):
+def _trainer(tmp_path, train: str, heldout: str, *overrides: str):
     from pipeline.config import load_config
     from pipeline.distributed import make_accelerator
     from pipeline.trainer import Trainer
@@ -202,7 +202,7 @@ def _trainer(tmp_path, train: str, heldout: str):
     cfg = load_config(None, [*TINY_MODEL, f"train.run_dir={tmp_path / 'run'}", f"data.train_urls={train}",
                              f"data.eval_urls={heldout}", "data.batch_size=8", "data.num_workers=0", "train.steps=2",
                              "checkpoint.every=1000", "train.eval_at_start=false", "train.diagnostics=false",
-                             "train.final_iw_samples=0", "train.eval_batches=1", "tracking.enabled=false"])  # fmt: skip
+                             "train.final_iw_samples=0", "train.eval_batches=1", "tracking.enabled=false", *overrides])  # fmt: skip
     return Trainer(cfg, make_accelerator(cfg))
 
 
@@ -257,3 +257,93 @@ def test_a_shard_with_more_samples_than_its_manifest_says_is_a_data_error(tmp_pa
     found = "256 samples with an image, more than the 250" if not compressed else "more samples with an image than the 250"
     assert f"shard {tmp_path / name} holds {found} its manifest says" in str(info.value)
     assert "pipeline-shards index" in str(info.value)
+
+
+# --- 5. a shard changed since its manifest: caught by data.verify_checksums and pipeline-shards verify
+
+
+@pytest.fixture
+def copied_shards(tmp_path, builtin_urls):
+    """A copy of the embedded dataset's shards and manifest, to damage."""
+    import shutil
+    from pathlib import Path
+
+    shutil.copytree(Path(builtin_urls[0]).parent, tmp_path / "data")
+    return tmp_path / "data"
+
+
+def _flip_a_byte(path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01  # inside an image's bytes: the tar still reads
+    path.write_bytes(bytes(data))
+
+
+def _verify_cli(target) -> subprocess.CompletedProcess:
+    # One image decoded per shard for the size check (every one by default): quicker, enough here.
+    return subprocess.run([sys.executable, "-m", "pipeline.data.shards", "verify", str(target), "--sample-images", "1"],
+                          capture_output=True, text=True, cwd=REPO, timeout=120)  # fmt: skip
+
+
+def test_a_flipped_byte_in_a_shard_is_caught_by_both_checks_and_a_good_set_passes(copied_shards):
+    import hashlib
+    import json
+
+    from pipeline.data.streams import DataError, StreamOptions
+    from pipeline.data.verify import verify_checksums
+
+    manifest = copied_shards / "manifest.json"
+    shards = json.loads(manifest.read_text())["splits"]
+    specs = [f"{manifest}#train", str(copied_shards / shards["heldout"]["pattern"])]  # a manifest, and a pattern
+    total = len(shards["train"]["shards"]) + len(shards["heldout"]["shards"])
+    assert verify_checksums(specs, StreamOptions()) == total
+    good = _verify_cli(copied_shards)
+    assert good.returncode == 0, good.stdout + good.stderr
+    assert f"{total} of {total} shards match" in good.stdout and "BAD" not in good.stdout
+
+    for name in (shards["train"]["shards"][3]["name"], shards["heldout"]["shards"][1]["name"]):
+        _flip_a_byte(copied_shards / name)
+    expected = shards["train"]["shards"][3]["sha256"]
+    actual = hashlib.sha256((copied_shards / shards["train"]["shards"][3]["name"]).read_bytes()).hexdigest()
+    with pytest.raises(DataError) as info:
+        verify_checksums(specs, StreamOptions())
+    message = str(info.value)
+    assert message.startswith("2 of 19 shards do not match the sha256 of their manifest"), message
+    assert f"{copied_shards / shards['train']['shards'][3]['name']}: expected sha256 {expected}, got {actual}" in message
+
+    bad = _verify_cli(copied_shards / "manifest.json")
+    assert bad.returncode == 1, bad.stdout + bad.stderr
+    lines = [line for line in bad.stdout.splitlines() if line.startswith("BAD ")]
+    assert len(lines) == 2, bad.stdout
+    assert any(line.startswith(f"BAD train {copied_shards / shards['train']['shards'][3]['name']}: sha256 {actual}, "
+                               f"the manifest says {expected}") for line in lines), lines  # fmt: skip
+    assert any(line.startswith(f"BAD heldout {copied_shards / shards['heldout']['shards'][1]['name']}: sha256 ")
+               for line in lines), lines
+    assert f"{total - 2} of {total} shards match" in bad.stdout and "2 bad" in bad.stdout
+
+
+def test_the_verify_command_checks_sample_counts_and_image_sizes_against_the_manifest(copied_shards):
+    import json
+
+    path = copied_shards / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["image_size"] = 28  # the shards hold 32x32 images
+    manifest["splits"]["heldout"]["shards"][0]["samples"] += 1
+    path.write_text(json.dumps(manifest))
+    result = _verify_cli(path)
+    assert result.returncode == 1
+    heldout = copied_shards / manifest["splits"]["heldout"]["shards"][0]["name"]
+    assert f"BAD heldout {heldout}: 256 samples with an image, the manifest says 257; images of 32x32, the manifest " \
+           "says 28x28" in result.stdout, result.stdout  # fmt: skip
+    assert "0 of 19 shards match" in result.stdout
+
+
+def test_training_with_verify_checksums_refuses_a_changed_shard_at_start(tmp_path, copied_shards):
+    from pipeline.data.streams import DataError
+
+    _flip_a_byte(copied_shards / "train-000005.tar")
+    manifest = copied_shards / "manifest.json"
+    with pytest.raises(DataError) as info:  # train.py prints it as "data error: ..." and exits 3
+        _trainer(tmp_path, f"{manifest}#train", f"{manifest}#heldout", "data.verify_checksums=true")
+    assert str(info.value).startswith("1 of 19 shards do not match the sha256 of their manifest")
+    assert f"{copied_shards / 'train-000005.tar'}: expected sha256 " in str(info.value)
+    assert not (tmp_path / "run").exists()
