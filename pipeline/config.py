@@ -75,7 +75,8 @@ class DataConfig:
     verify_checksums: bool = False
     """At start, hash every local shard that its manifest lists with a sha256 and stop with a data
     error naming any that differs (the main process of each node, before its other processes
-    read; about 1 s per GB). Remote shards are not hashed; ``pipeline-shards verify`` checks them."""
+    read; every byte is read once). Remote shards are not hashed; ``pipeline-shards verify``
+    checks them."""
 
     def __post_init__(self) -> None:
         _check_positive(self, "batch_size", "shuffle_buffer", "http_timeout")
