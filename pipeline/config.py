@@ -72,6 +72,11 @@ class DataConfig:
     most this many places, and at most about this many samples are read ahead of use."""
     seed: int = 0
     """Seed of the shard order and sample shuffle; the same on every rank."""
+    verify_checksums: bool = False
+    """At start, hash every local shard that its manifest lists with a sha256 and stop with a data
+    error naming any that differs (the main process of each node, before its other processes
+    read; every byte is read once). Remote shards are not hashed; ``pipeline-shards verify``
+    checks them."""
 
     def __post_init__(self) -> None:
         _check_positive(self, "batch_size", "shuffle_buffer", "http_timeout")

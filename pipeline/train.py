@@ -43,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     # Heavy imports after the config check, so a typo is reported in a second.
     from pipeline.data.streams import DataError
     from pipeline.distributed import make_accelerator
+    from pipeline.run_lock import RunDirInUse, hold_run_dir
     from pipeline.trainer import Trainer
     from pipeline.updates import TrainingStalled
 
@@ -56,10 +57,18 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO if accelerator.is_main_process else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    try:  # before anything is written there; held until the process ends
+        run_lock = hold_run_dir(cfg.train.run_dir, accelerator)
+    except RunDirInUse as err:
+        # 2, as for a config error (another train.run_dir is the fix); never 75, which a
+        # requeueing job script would retry.
+        print(f"run dir error: {err}", file=sys.stderr)
+        return 2
     try:
         trainer = Trainer(cfg, accelerator, stop)
     except DataError as err:
         print(f"data error: {err}", file=sys.stderr)
+        run_lock.release()
         return 3
     status = "FAILED"
     try:
@@ -80,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         trainer.close(status)
         accelerator.end_training()
+        run_lock.release()
     return 0
 
 

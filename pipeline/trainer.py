@@ -51,6 +51,7 @@ from pipeline.cost import (
 from pipeline.distributed import full_training_state, is_deepspeed, load_optimizer_state, zero_stage
 from pipeline.data.loader import EpochIterator, make_loader
 from pipeline.data.streams import DataError, StreamOptions
+from pipeline.data.verify import verify_checksums
 from pipeline.ema import EMA
 from pipeline.encoder import Encoder
 from pipeline.evaluate import evaluate, flat_metrics, plot_report
@@ -180,7 +181,14 @@ class Trainer:
     def _data_urls(self) -> tuple[str | list[str], str | list[str]]:
         # The main process writes the embedded dataset's shards; the others wait, then read.
         with self.accelerator.main_process_first():
-            return resolve_data_urls(self.cfg)
+            urls = resolve_data_urls(self.cfg)
+        if self.cfg.data.verify_checksums:
+            # Shards are dealt anew each epoch (every process reads every one in time): one reader
+            # per node hashes them all, its own disks' copies, before its other processes start.
+            with self.accelerator.local_main_process_first():
+                if self.accelerator.is_local_main_process:
+                    verify_checksums(list(urls), StreamOptions.from_config(self.cfg.data))
+        return urls
 
     def _model_statistics(self, cfg: Config, train_urls: str | list[str]) -> Config:
         """The encoder's input statistics: the checkpoint's when resuming (the shards may have

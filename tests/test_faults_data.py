@@ -28,9 +28,11 @@ def _text_tar(path) -> str:
     return str(path)
 
 
-def _iterate(urls: list[str], *, num_workers: int, timeout: float = 60, **settings) -> subprocess.CompletedProcess:
+def _iterate(urls: list[str], *, num_workers: int, timeout: float = 60, max_skip_fraction: float = 0.05,
+             **settings) -> subprocess.CompletedProcess:  # fmt: skip
     """Take batches from the resampled loader in a fresh process (logging to stderr, as training
-    does; workers log there too); killed after ``timeout`` seconds if it hangs."""
+    does; workers log there too); killed after ``timeout`` seconds if it hangs. Prints each
+    batch's size, then the fault counts."""
     script = textwrap.dedent(f"""
         import logging, sys
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -40,10 +42,12 @@ def _iterate(urls: list[str], *, num_workers: int, timeout: float = 60, **settin
         # Shards given as they are: a path that goes missing after the start, as a URL would.
         shards = [Shard(url, None) for url in {urls!r}]
         batches = EpochIterator(*make_loader(shards, batch_size=4, mode="resampled", epoch_batches=3,
-                                             shuffle_buffer=8, num_workers={num_workers}, **{settings!r}))
+                                             shuffle_buffer=8, num_workers={num_workers}, **{settings!r}),
+                                 max_skip_fraction={max_skip_fraction})
         try:
             for _ in range(3):
                 print("batch", next(batches)["image"].shape[0])
+            print("counts", batches.counts())
         except DataError as err:
             print("DataError:", err)
             sys.exit(3)
@@ -77,6 +81,51 @@ def test_resampled_draws_past_a_missing_shard_among_good_ones(tmp_path, builtin_
     result = _iterate([*good, str(tmp_path / "absent.tar")], num_workers=0)
     assert result.returncode == 0, (result.stdout, result.stderr[-3000:])
     assert result.stdout.count("batch 4") == 3
+
+
+def _corrupt_images_tar(path, image_format: str) -> str:
+    """A well-formed tar whose samples each hold an image member cut in half (what a copy cut
+    short inside each file, or bit rot, leaves): present, but undecodable."""
+    import numpy as np
+
+    from pipeline.data.shards import encode_image
+
+    whole = encode_image(np.full((32, 32, 3), 128, np.uint8), image_format)
+    with tarfile.open(path, "w") as tar:
+        for i in range(6):
+            for name, data in ((f"s{i:03d}.{image_format}", whole[: len(whole) // 2]), (f"s{i:03d}.json", b"{}")):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return str(path)
+
+
+def test_resampled_shards_whose_images_are_all_corrupt_stop_with_a_data_error_not_a_hang(tmp_path):
+    import re
+
+    corrupt = [_corrupt_images_tar(tmp_path / "png.tar", "png"), _corrupt_images_tar(tmp_path / "jpg.tar", "jpg")]
+    started = time.monotonic()
+    # Before: the worker drew again for ever, a batch could never fill (a warning per sample).
+    result = _iterate(corrupt, num_workers=2, max_skip_fraction=0.5)
+    assert result.returncode == 3, (result.stdout, result.stderr[-3000:])
+    assert time.monotonic() - started < 30
+    found = re.search(r"(\d+) drawn samples could not be decoded, more than data.max_skip_fraction=0.5 of the (\d+)",
+                      result.stdout)  # fmt: skip
+    assert found, result.stdout
+    counted, planned = int(found[1]), int(found[2])
+    assert counted == planned // 2 + 1  # every one counted, up to the bound (0.5 of 8 or 4 per worker)
+    assert any(url in result.stdout for url in corrupt)
+
+
+def test_resampled_draws_past_corrupt_images_counting_them(tmp_path, builtin_urls):
+    import webdataset as wds
+
+    good = wds.shardlists.expand_urls(builtin_urls[0])[:1]
+    result = _iterate([*good, _corrupt_images_tar(tmp_path / "png.tar", "png")], num_workers=0, max_skip_fraction=1.0)
+    assert result.returncode == 0, (result.stdout, result.stderr[-3000:])
+    assert result.stdout.count("batch 4") == 3  # full batches: a corrupt sample is replaced by another draw
+    counts = eval(result.stdout.partition("counts ")[2])
+    assert counts["decoded"] == 12 and counts["corrupt"] == result.stderr.count("skipping sample '")
 
 
 @pytest.mark.slow
@@ -144,7 +193,7 @@ def _without_images(paths: list[str]) -> None:
         os.replace(_text_tar(f"{path}.new"), path)
 
 
-def _trainer(tmp_path, train: str, heldout: str):
+def _trainer(tmp_path, train: str, heldout: str, *overrides: str):
     from pipeline.config import load_config
     from pipeline.distributed import make_accelerator
     from pipeline.trainer import Trainer
@@ -153,7 +202,7 @@ def _trainer(tmp_path, train: str, heldout: str):
     cfg = load_config(None, [*TINY_MODEL, f"train.run_dir={tmp_path / 'run'}", f"data.train_urls={train}",
                              f"data.eval_urls={heldout}", "data.batch_size=8", "data.num_workers=0", "train.steps=2",
                              "checkpoint.every=1000", "train.eval_at_start=false", "train.diagnostics=false",
-                             "train.final_iw_samples=0", "train.eval_batches=1", "tracking.enabled=false"])  # fmt: skip
+                             "train.final_iw_samples=0", "train.eval_batches=1", "tracking.enabled=false", *overrides])  # fmt: skip
     return Trainer(cfg, make_accelerator(cfg))
 
 
@@ -178,3 +227,123 @@ def test_a_heldout_set_unreadable_mid_run_fails_clearly_after_the_final_checkpoi
     assert heldout in str(info.value)
     assert (tmp_path / "run" / "checkpoints" / "step_000002" / "model.safetensors").exists()
     trainer.close("FAILED")
+
+
+# --- 4. a shard that holds more samples than its manifest says: an error, not samples dropped -----
+
+
+@pytest.mark.parametrize("compressed", [False, True], ids=["mapped", "streamed"])
+def test_a_shard_with_more_samples_than_its_manifest_says_is_a_data_error(tmp_path, builtin_urls, compressed):
+    import gzip
+    import json
+    import shutil
+    from pathlib import Path
+
+    from pipeline.data.loader import EpochIterator, make_loader
+    from pipeline.data.streams import DataError
+
+    folder = Path(builtin_urls[0]).parent
+    entry = json.loads((folder / "manifest.json").read_text())["splits"]["train"]["shards"][0]
+    name = entry["name"] + (".gz" if compressed else "")
+    with open(folder / entry["name"], "rb") as source, (gzip.open if compressed else open)(tmp_path / name, "wb") as out:
+        shutil.copyfileobj(source, out)  # gzip: read front to back (StreamedShards), else memory-mapped
+    stale = entry["samples"] - 6  # as if 6 samples were appended after the manifest was written
+    manifest = {"splits": {"train": {"samples": stale, "shards": [{**entry, "name": name, "samples": stale}]}}}
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    batches = EpochIterator(*make_loader(f"{tmp_path}/manifest.json#train", batch_size=8, mode="epoch"))
+    with pytest.raises(DataError) as info:
+        for _ in range(stale // 8 + 1):  # before: a warning, and the 6 samples dropped every epoch
+            next(batches)
+    found = "256 samples with an image, more than the 250" if not compressed else "more samples with an image than the 250"
+    assert f"shard {tmp_path / name} holds {found} its manifest says" in str(info.value)
+    assert "pipeline-shards index" in str(info.value)
+
+
+# --- 5. a shard changed since its manifest: caught by data.verify_checksums and pipeline-shards verify
+
+
+@pytest.fixture
+def copied_shards(tmp_path, builtin_urls):
+    """A copy of the embedded dataset's shards and manifest, to damage."""
+    import shutil
+    from pathlib import Path
+
+    shutil.copytree(Path(builtin_urls[0]).parent, tmp_path / "data")
+    return tmp_path / "data"
+
+
+def _flip_a_byte(path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01  # inside an image's bytes: the tar still reads
+    path.write_bytes(bytes(data))
+
+
+def _verify_cli(target) -> subprocess.CompletedProcess:
+    # One image decoded per shard for the size check (every one by default): quicker, enough here.
+    return subprocess.run([sys.executable, "-m", "pipeline.data.shards", "verify", str(target), "--sample-images", "1"],
+                          capture_output=True, text=True, cwd=REPO, timeout=120)  # fmt: skip
+
+
+def test_a_flipped_byte_in_a_shard_is_caught_by_both_checks_and_a_good_set_passes(copied_shards):
+    import hashlib
+    import json
+
+    from pipeline.data.streams import DataError, StreamOptions
+    from pipeline.data.verify import verify_checksums
+
+    manifest = copied_shards / "manifest.json"
+    shards = json.loads(manifest.read_text())["splits"]
+    specs = [f"{manifest}#train", str(copied_shards / shards["heldout"]["pattern"])]  # a manifest, and a pattern
+    total = len(shards["train"]["shards"]) + len(shards["heldout"]["shards"])
+    assert verify_checksums(specs, StreamOptions()) == total
+    good = _verify_cli(copied_shards)
+    assert good.returncode == 0, good.stdout + good.stderr
+    assert f"{total} of {total} shards match" in good.stdout and "BAD" not in good.stdout
+
+    for name in (shards["train"]["shards"][3]["name"], shards["heldout"]["shards"][1]["name"]):
+        _flip_a_byte(copied_shards / name)
+    expected = shards["train"]["shards"][3]["sha256"]
+    actual = hashlib.sha256((copied_shards / shards["train"]["shards"][3]["name"]).read_bytes()).hexdigest()
+    with pytest.raises(DataError) as info:
+        verify_checksums(specs, StreamOptions())
+    message = str(info.value)
+    assert message.startswith("2 of 19 shards do not match the sha256 of their manifest"), message
+    assert f"{copied_shards / shards['train']['shards'][3]['name']}: expected sha256 {expected}, got {actual}" in message
+
+    bad = _verify_cli(copied_shards / "manifest.json")
+    assert bad.returncode == 1, bad.stdout + bad.stderr
+    lines = [line for line in bad.stdout.splitlines() if line.startswith("BAD ")]
+    assert len(lines) == 2, bad.stdout
+    assert any(line.startswith(f"BAD train {copied_shards / shards['train']['shards'][3]['name']}: sha256 {actual}, "
+                               f"the manifest says {expected}") for line in lines), lines  # fmt: skip
+    assert any(line.startswith(f"BAD heldout {copied_shards / shards['heldout']['shards'][1]['name']}: sha256 ")
+               for line in lines), lines
+    assert f"{total - 2} of {total} shards match" in bad.stdout and "2 bad" in bad.stdout
+
+
+def test_the_verify_command_checks_sample_counts_and_image_sizes_against_the_manifest(copied_shards):
+    import json
+
+    path = copied_shards / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["image_size"] = 28  # the shards hold 32x32 images
+    manifest["splits"]["heldout"]["shards"][0]["samples"] += 1
+    path.write_text(json.dumps(manifest))
+    result = _verify_cli(path)
+    assert result.returncode == 1
+    heldout = copied_shards / manifest["splits"]["heldout"]["shards"][0]["name"]
+    assert f"BAD heldout {heldout}: 256 samples with an image, the manifest says 257; images of 32x32, the manifest " \
+           "says 28x28" in result.stdout, result.stdout  # fmt: skip
+    assert "0 of 19 shards match" in result.stdout
+
+
+def test_training_with_verify_checksums_refuses_a_changed_shard_at_start(tmp_path, copied_shards):
+    from pipeline.data.streams import DataError
+
+    _flip_a_byte(copied_shards / "train-000005.tar")
+    manifest = copied_shards / "manifest.json"
+    with pytest.raises(DataError) as info:  # train.py prints it as "data error: ..." and exits 3
+        _trainer(tmp_path, f"{manifest}#train", f"{manifest}#heldout", "data.verify_checksums=true")
+    assert str(info.value).startswith("1 of 19 shards do not match the sha256 of their manifest")
+    assert f"{copied_shards / 'train-000005.tar'}: expected sha256 " in str(info.value)
+    assert not (tmp_path / "run").exists()

@@ -133,8 +133,10 @@ class ShardDataset(IterableDataset):
         hflip: bool = False,
         epoch_batches: int = 0,
         options: StreamOptions | None = None,
+        max_skip_fraction: float = 0.05,
     ) -> None:
         self.shards = shards
+        self.max_skip_fraction = max_skip_fraction  # bounds resampled mode's undecodable draws (EpochIterator sets it)
         self.batch_size, self.num_workers = batch_size, num_workers
         self.rank, self.world_size = rank, world_size
         self.image_mode = {1: "L", 3: "RGB"}[channels]
@@ -345,6 +347,7 @@ class ShardDataset(IterableDataset):
                     )
 
         stream = samples()
+        planned = total_batches * self.batch_size  # this worker's samples per epoch
         for index in range(start_batch, total_batches):
             images, keys, flips = [], [], []
             while len(images) < self.batch_size:
@@ -360,6 +363,14 @@ class ShardDataset(IterableDataset):
                     keys.append(key)
                     flips.append(flip)
                     stats.decoded += 1
+                elif stats.corrupt > self.max_skip_fraction * planned:
+                    # A batch is filled by drawing again; over shards whose images are all corrupt
+                    # it would never fill, and EpochIterator's own check never see a batch.
+                    raise DataError(
+                        f"rank {self.rank}, worker {worker}, epoch {self.epoch}: {stats.corrupt} drawn samples could "
+                        f"not be decoded, more than data.max_skip_fraction={self.max_skip_fraction} of the {planned} "
+                        f"this worker takes per epoch; the last: '{key}' of shard {url}; the warnings above name others"
+                    )
             yield self._assemble(images, keys, flips, worker, index, stats)
 
 
@@ -445,8 +456,7 @@ class MappedShards:
             log.warning("shard %s ended after %d of its %d samples%s", shard.url, len(index.keys), shard.samples,
                         f": {index.error}" if index.error else "")  # fmt: skip
         elif len(index.keys) > shard.samples:
-            log.warning("shard %s has more samples than its manifest says (%d); ignoring '%s' and after",
-                        shard.url, shard.samples, index.keys[shard.samples])  # fmt: skip
+            raise more_than_the_manifest(shard, len(index.keys))
         indices = part.sample_indices()
         # The part's first n samples are in the shard (the rest keep size -1: missing).
         n, start = int(np.searchsorted(indices, min(len(index.keys), shard.samples))), self.starts[number]
@@ -468,6 +478,18 @@ class MappedShards:
     def close(self) -> None:
         for number in np.flatnonzero(self.is_open).tolist():
             self._close(number)
+
+
+def more_than_the_manifest(shard: Shard, found: int | None) -> DataError:
+    """A shard that holds more samples than its manifest says: the manifest is older than the
+    shard. Reading only the counted ones would drop the rest every epoch, and the epoch plan,
+    dealt from the counts, cannot take the others in: the manifest must be rewritten."""
+    counted = f"{found} samples with an image, more than the" if found else "more samples with an image than the"
+    return DataError(
+        f"shard {shard.url} holds {counted} {shard.samples} its manifest says: the "
+        "manifest is out of date (the shard was rewritten after it?); rewrite it with `pipeline-shards index "
+        "SHARDS --out manifest.json` (or write the shards and manifest again with pipeline-shards)"
+    )
 
 
 def _with_images(index: TarIndex) -> TarIndex:
@@ -525,16 +547,20 @@ class StreamedShards:
                 prefetch(plan.parts[number + 1].shard.url)
             shard_stats = ShardStats()
             stats.shards_opened += 1
-            seen = 0
+            seen, last, held = 0, max(wanted), None
             for record in read_shard(shard.url, wanted.__contains__, self.options, shard_stats, shard.samples,
                                      IMAGE_EXTENSIONS):  # fmt: skip
                 if record.index >= shard.samples:
-                    log.warning("shard %s has more samples than its manifest says (%d); ignoring '%s'",
-                                shard.url, shard.samples, record.key)  # fmt: skip
-                    continue
+                    raise more_than_the_manifest(shard, None)
                 seen = record.index + 1
                 if record.members is not None:
-                    yield "sample", wanted[record.index], (shard.url, record.key, *find_image(record.members))
+                    sample = "sample", wanted[record.index], (shard.url, record.key, *find_image(record.members))
+                    if record.index != last:
+                        yield sample
+                    else:  # given once the shard is read to its end, so that samples beyond the count are seen
+                        held = sample
+            if held is not None:
+                yield held
             stats.retries += shard_stats.retries
             if seen < shard.samples:
                 if not shard_stats.failures:
@@ -625,7 +651,7 @@ class EpochIterator:
 
     def __init__(self, loader: torch.utils.data.DataLoader, dataset: ShardDataset, max_skip_fraction: float = 0.05) -> None:
         self.loader, self.dataset = loader, dataset
-        self.max_skip_fraction = max_skip_fraction
+        self.max_skip_fraction = dataset.max_skip_fraction = max_skip_fraction
         self.epoch, self.batches_in_epoch = 0, 0
         self.earlier: list[tuple[Layout, tuple[int, ...]]] = []  # layouts that consumed part of this epoch
         self._iterator = None

@@ -15,7 +15,8 @@ resizes and converts the images, splits them into ``train`` and ``heldout``, and
     pipeline-shards SOURCE OUT_DIR --samples-per-shard 1000 --resolution 32 --heldout-fraction 0.1
 
 ``pipeline-shards index SHARDS --out manifest.json`` writes only the manifest, for shards that
-exist already (``indexer.py``).
+exist already (``indexer.py``); ``pipeline-shards verify MANIFEST`` checks the shards against it
+(``verify.py``).
 """
 
 from __future__ import annotations
@@ -274,7 +275,7 @@ def _closed_tar_bytes(offset: int) -> int:
     return -(-end // tarfile.RECORDSIZE) * tarfile.RECORDSIZE
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -325,7 +326,7 @@ class SplitWriter:
         final = self.out_dir / self._name
         os.replace(self._tmp, final)
         self.shards.append(
-            {"name": self._name, "samples": self._count, "bytes": final.stat().st_size, "sha256": _sha256(final)}
+            {"name": self._name, "samples": self._count, "bytes": final.stat().st_size, "sha256": file_sha256(final)}
         )
         self._tar = None
 
@@ -563,7 +564,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Write images (a folder, idx/MNIST files, CIFAR batches or a list of paths) "
         "as WebDataset tar shards plus manifest.json.",
         epilog="For shards that exist already, `pipeline-shards index SHARDS --out manifest.json` writes only the "
-        "manifest (see `pipeline-shards index --help`).",
+        "manifest (see `pipeline-shards index --help`); `pipeline-shards verify MANIFEST` checks shards against "
+        "their manifest (sha256, sample counts, image size).",
     )
     parser.add_argument(
         "source", help="image folder, idx(.gz) images file, CIFAR batch or folder, or text file of paths"
@@ -606,6 +608,10 @@ def main(argv: list[str] | None = None) -> int:
         from pipeline.data.indexer import main as index_main
 
         return index_main(argv[1:])
+    if argv[:1] == ["verify"]:
+        from pipeline.data.verify import main as verify_main
+
+        return verify_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     check_args(parser, args)
