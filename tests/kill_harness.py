@@ -362,7 +362,8 @@ def run_harness(
         # Two to four steps into the start, so that most starts resume from a checkpoint of the
         # one before; the draw's first digit in base 3 sets the step, the rest the delay.
         if target == "write":
-            reached = start.wait_for_steps(2 + int(draw * 3), deadline) and start.wait_for_write(checkpoint_dir, deadline)
+            reached = start.wait_for_steps(2 + int(draw * 3), deadline)
+            reached = reached and start.wait_for_write(checkpoint_dir, deadline)
             delay = (draw * 3 % 1) * WRITE_DELAY_S
         elif target == "step":
             reached = start.wait_for_steps(2 + int(draw * 3), deadline)
@@ -403,7 +404,8 @@ def run_harness(
     except subprocess.TimeoutExpired:
         reference.kill()
     if reference.process.returncode != 0:
-        problems.append(f"the uninterrupted run exited with {reference.process.returncode}:\n{reference.text()[-3000:]}")
+        problems.append(f"the uninterrupted run exited with {reference.process.returncode}:\n"
+                        + reference.text()[-3000:])  # fmt: skip
     for number, children in orphans:
         _, alive = psutil.wait_procs(children, timeout=10)
         for child in alive:  # ours: started by the trainer we killed
@@ -432,7 +434,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, help="sets the plan (default: drawn, and printed)")
     parser.add_argument("--steps", type=int, help="training steps (default 5 x kills + 10)")
     parser.add_argument("--work-dir", type=Path, help="where the runs and logs go (default: a new temporary directory)")
-    parser.add_argument("--data-cache", type=Path, help="the embedded dataset's shards (default: in the work directory)")
+    parser.add_argument("--data-cache", type=Path, help="the embedded dataset's shards (default: under --work-dir)")
     parser.add_argument("--json", type=Path, help="also write the result here as JSON")
     args = parser.parse_args(argv)
     if args.kills < 1:
