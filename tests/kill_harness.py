@@ -12,8 +12,9 @@ Each kill has a target, drawn from the seed before anything runs (the plan is pr
   directory appears (polled about every half millisecond), plus a random 0-20 ms: inside the
   write (10-30 ms here), or just after;
 - ``step``: after a random 2-4 steps of this start, plus a random part of a step;
-- ``time``: a random time after the start, up to the previous start's set-up time plus a second:
-  in the set-up (imports, loader, resume) about as often as in the steps.
+- ``time``: a random time after the start, up to the previous start's set-up time plus a second
+  (at the latest ``MAX_STEPS_PER_START`` steps in): in the set-up (imports, loader, resume) about
+  as often as in the steps.
 
 Where a kill really landed is read from what it left, not from its target: the write's temporary
 directory (inside a checkpoint write, with the files written so far), an old checkpoint being
@@ -74,6 +75,7 @@ TARGETS = ("write", "step", "time")
 EXTRA_WRITE_KILLS = 3
 WRITE_DELAY_S = 0.020  # the most a write target waits after the temporary directory appears
 DEFAULT_SETUP_S = 6.0  # a start's set-up before its first step, until one has been measured
+MAX_STEPS_PER_START = 5  # what a time target lets a start train at most; a step or write target, 4
 STEP_S = 0.15  # the most a step target waits after its step's line (a step takes about 0.1 s here)
 START_TIMEOUT_S = 300  # any one start, and the reference run: a hang is a failure, not a wait
 
@@ -314,7 +316,7 @@ def run_harness(
 ) -> HarnessResult:
     """Run the uninterrupted reference and the killed run side by side, then compare them."""
     started = time.monotonic()
-    steps = steps or 5 * kills + 10  # enough that the kills come before the run's end
+    steps = steps or MAX_STEPS_PER_START * (kills + EXTRA_WRITE_KILLS + 1)  # more than the kills can take
     work_dir.mkdir(parents=True, exist_ok=True)
     data_cache = data_cache or work_dir / "data"
     from pipeline.data.builtin import ensure_builtin_dataset
@@ -372,9 +374,13 @@ def run_harness(
             reached, delay = True, draw * (setup_s + 1.0)
         if target == "write":  # before the write: listing them would delay the kill by milliseconds
             children = start.children()
-        if reached:
-            since_launch = time.monotonic() - start.launched if target == "time" else 0.0
-            time.sleep(max(0.0, delay - since_launch))
+        if target == "time":
+            # A start whose set-up is quicker than the last one's could otherwise train to the end
+            # before its kill: a time target strikes at the latest MAX_STEPS_PER_START steps in.
+            while time.monotonic() - start.launched < delay and len(start.steps_logged()) < MAX_STEPS_PER_START:
+                time.sleep(0.005)
+        elif reached:
+            time.sleep(delay)
         if target != "write":
             children = start.children()
         if not start.running():
@@ -412,6 +418,13 @@ def run_harness(
             problems.append(f"kill {number}: the trainer's child {child.pid} ({child.name()}) outlived it by 10 s")
             child.kill()
 
+    # The kills must leave nothing behind once the run is done: no temporary directory, and the
+    # same newest checkpoints kept as the uninterrupted run keeps.
+    problems += [f"left behind after the last start: {p}" for p in sorted(checkpoint_dir.glob(".tmp-*"))]
+    kept = [[p.name for p in list_checkpoints(d / "checkpoints")] for d in (reference_dir, killed_dir)]
+    if kept[0] != kept[1]:
+        problems.append(f"checkpoints kept: {kept[1]}, the uninterrupted run kept {kept[0]}")
+
     compared, differences = [], []
     final = checkpoint_name(steps)
     a, b = reference_dir / "checkpoints" / final, checkpoint_dir / final
@@ -432,7 +445,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--kills", type=int, default=20, help="planned kills (default 20, the long version)")
     parser.add_argument("--seed", type=int, help="sets the plan (default: drawn, and printed)")
-    parser.add_argument("--steps", type=int, help="training steps (default 5 x kills + 10)")
+    parser.add_argument("--steps", type=int, help="training steps (default 5 x (kills + 4))")
     parser.add_argument("--work-dir", type=Path, help="where the runs and logs go (default: a new temporary directory)")
     parser.add_argument("--data-cache", type=Path, help="the embedded dataset's shards (default: under --work-dir)")
     parser.add_argument("--json", type=Path, help="also write the result here as JSON")

@@ -13,8 +13,36 @@ import os
 import random
 
 import pytest
+import torch
 
-from tests.kill_harness import run_harness
+from pipeline.checkpoint import PortableOptimizerState, save_checkpoint
+from tests.kill_harness import compare_checkpoints, run_harness
+
+
+def _checkpoint(root, weights, optimizer_step=3, rng="same", run_dir="a"):
+    """A small checkpoint written by the trainer's own save_checkpoint."""
+    groups = [{"lr": 1e-3, "params": ["w"]}]
+    optimizer = PortableOptimizerState({"w": {"exp_avg": weights["w"] * 2}}, optimizer_step, groups)
+    state = {"config": {"train": {"run_dir": run_dir}}, "rng": [{"torch": rng}], "device_seconds": float(len(run_dir))}
+    return save_checkpoint(root, 5, weights, optimizer, state, keep_last=1, ema_state=weights)
+
+
+def test_the_comparison_names_each_difference_down_to_one_bit(tmp_path):
+    weights = {"w": torch.linspace(-1, 1, 12).reshape(3, 4), "b": torch.zeros(4)}
+    reference = _checkpoint(tmp_path / "a", weights)
+    # Another run directory and wall clock are not differences; the same numbers are identical.
+    compared, differences = compare_checkpoints(reference, _checkpoint(tmp_path / "b", dict(weights), run_dir="bb"))
+    assert differences == [] and len(compared) == 4
+    flipped = weights["w"].clone()
+    flipped.view(torch.int32)[1, 2] ^= 1  # the lowest bit of one float
+    _, differences = compare_checkpoints(
+        reference, _checkpoint(tmp_path / "c", {**weights, "w": flipped}, optimizer_step=4, rng="other"))  # fmt: skip
+    one_bit = f"{(flipped - weights['w']).abs().max().item():.3g}"
+    assert differences == [
+        f"model.safetensors: w, largest difference {one_bit}", f"ema.safetensors: w, largest difference {one_bit}",
+        f"optimizer.safetensors: exp_avg/w, largest difference {2 * float(one_bit):.3g}",
+        "optimizer.safetensors: metadata.rest", "state.json: rng[0].torch",
+    ]  # fmt: skip
 
 
 @pytest.mark.slow
