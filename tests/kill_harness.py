@@ -365,6 +365,7 @@ def run_harness(
         # one before; the draw's first digit in base 3 sets the step, the rest the delay.
         if target == "write":
             reached = start.wait_for_steps(2 + int(draw * 3), deadline)
+            children = start.children()  # now: listing them inside the write would delay the kill
             reached = reached and start.wait_for_write(checkpoint_dir, deadline)
             delay = (draw * 3 % 1) * WRITE_DELAY_S
         elif target == "step":
@@ -372,8 +373,9 @@ def run_harness(
             delay = (draw * 3 % 1) * STEP_S
         else:
             reached, delay = True, draw * (setup_s + 1.0)
-        if target == "write":  # before the write: listing them would delay the kill by milliseconds
-            children = start.children()
+        if not reached and start.running():
+            problems.append(f"start {number} did not reach kill {len(done) + 1}'s moment ({target}) in "
+                            f"{START_TIMEOUT_S} s; see {start.log_path}")  # fmt: skip
         if target == "time":
             # A start whose set-up is quicker than the last one's could otherwise train to the end
             # before its kill: a time target strikes at the latest MAX_STEPS_PER_START steps in.
