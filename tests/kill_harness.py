@@ -84,8 +84,11 @@ RESUMED_LINE = re.compile(r"resumed from \S*?(step_\d+) \(step (\d+),")
 DAMAGED_LINE = "skipping damaged checkpoint"
 WRITE_TEMPORARY = re.compile(r"^\.tmp-(step_\d+)-(\d+)$")  # save_checkpoint's .tmp-step_N-<pid>
 PRUNE_TEMPORARY = re.compile(r"^\.tmp-(step_\d+)-trash$")  # an old checkpoint renamed to be deleted
-# Run-specific by design: a resumed run's wall clock, its MLflow run (none here), its directory.
-NOT_COMPARED = {"device_seconds", "mlflow_run_id", "config.train.run_dir"}
+# Run-specific by design: what a start measured of the wall clock and energy (the run's cost
+# record, where the trainer keeps one: its image count is compared), the MLflow run (none here),
+# the run directory.
+NOT_COMPARED = {"device_seconds", "cost.train_seconds", "cost.gpu_seconds", "cost.energy_j", "mlflow_run_id",
+                "config.train.run_dir"}  # fmt: skip
 
 
 @dataclass
