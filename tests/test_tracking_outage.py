@@ -102,7 +102,7 @@ def test_a_server_down_at_start_then_a_stop_and_a_resume_give_one_run_with_every
     (SIGTERM, exit 75) with no MLflow run created yet, the resumed job creates the run once the
     server is up and sends the first start's points and its own into it, each step once."""
     server.stop()
-    steps, run_dir = 40, tmp_path / "run"
+    steps, run_dir = 20, tmp_path / "run"
     common = (f"train.steps={steps}", "tracking.experiment=down-at-start")
     first = Training(run_dir, *common, "tracking.flush_timeout=1", data_cache=data_cache, url=server.url,
                      log=tmp_path / "first.log")  # fmt: skip
@@ -141,7 +141,7 @@ def test_a_server_stopped_mid_run_loses_nothing_whether_it_comes_back_or_not(ser
     uploads them to the server started again (the same database), a second sync sends nothing."""
     if not server.running:
         server.start()
-    steps = 40
+    steps = 25
     back = Training(tmp_path / "back", f"train.steps={steps}", "tracking.experiment=back", "tracking.flush_timeout=300",
                     data_cache=data_cache, url=server.url, log=tmp_path / "back.log")  # fmt: skip
     never = Training(tmp_path / "never", f"train.steps={steps}", "tracking.experiment=never", "tracking.flush_timeout=1",
