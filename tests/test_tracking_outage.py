@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -17,6 +18,8 @@ import pytest
 from mlflow import MlflowClient
 
 from pipeline.stopping import EXIT_RESUMABLE
+from pipeline.tracking import Tracker
+from pipeline.tracking_spool import TrackingSpool
 from tests.conftest import REPO, launch_command
 from tests.conftest import test_environment as environment  # (an alias: pytest would collect test_*)
 from tests.servers import local_mlflow_server
@@ -182,3 +185,31 @@ def test_a_server_stopped_mid_run_loses_nothing_whether_it_comes_back_or_not(ser
     again = sync(never.run_dir)
     assert again.returncode == 0 and "nothing to upload" in again.stdout, again.stdout + again.stderr
     assert loss_steps(client, never.run_id()) == list(range(1, steps + 1))
+
+
+def test_a_server_that_accepts_but_never_answers_costs_the_logging_calls_nothing(tmp_path, monkeypatch):
+    """A hung server (its port accepts connections, nothing answers): each request of the
+    uploader waits tracking.request_timeout, the logging calls do not wait at all, the end of the
+    run waits tracking.flush_timeout, and every record is still in the spool."""
+    for name in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT"):
+        monkeypatch.delenv(name, raising=False)  # the tracker sets them for its process: restored after the test
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(64)  # the kernel completes the connections; no one reads them
+        url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+        tracker = Tracker(active=True, tracking_uri=url, experiment="hung", run_dir=tmp_path, new_run=True,
+                          flush_timeout=2, request_timeout=1)  # fmt: skip
+        start = time.perf_counter()
+        tracker.log_params({"train.steps": 200})
+        for step in range(1, 201):
+            tracker.log_metrics({"train/loss": 1.0 / step}, step)
+        logging = time.perf_counter() - start
+        tracker.close("FINISHED")
+        closing = time.perf_counter() - start - logging
+    assert logging < 2.0, logging  # 201 calls (the old client: up to ~4 minutes each)
+    assert closing < 2 + 1 + 2, closing  # flush_timeout, the last join, a busy machine's slack
+    spool = TrackingSpool(tmp_path / "tracking")
+    pending = [record for record, _ in spool.pending()]
+    assert [r["step"] for r in pending if r["op"] == "metrics"] == list(range(1, 201))
+    assert pending[-1] == {"op": "end", "status": "FINISHED", "ts": pending[-1]["ts"]}
+    assert tracker.run_id is None
