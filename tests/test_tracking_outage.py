@@ -191,8 +191,10 @@ def test_a_server_that_accepts_but_never_answers_costs_the_logging_calls_nothing
     """A hung server (its port accepts connections, nothing answers): each request of the
     uploader waits tracking.request_timeout, the logging calls do not wait at all, the end of the
     run waits tracking.flush_timeout, and every record is still in the spool."""
-    for name in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT"):
-        monkeypatch.delenv(name, raising=False)  # the tracker sets them for its process: restored after the test
+    # The tracker sets these for its whole process: recorded here (at MLflow's defaults) so that
+    # they are restored after the test.
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "7")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "120")
     with socket.socket() as listener:
         listener.bind(("127.0.0.1", 0))
         listener.listen(64)  # the kernel completes the connections; no one reads them
