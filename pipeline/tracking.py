@@ -184,7 +184,12 @@ class Tracker:
             self._spool({"op": "params", "params": {k: str(v) for k, v in params.items()}})
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        self._spool({"op": "metrics", "step": int(step), "ts": now_ms(), "metrics": {k: float(v) for k, v in metrics.items()}})
+        try:
+            values = {k: float(v) for k, v in metrics.items()}
+        except (TypeError, ValueError) as exn:
+            log.warning("metrics at step %s not logged, training goes on: %r", step, exn)
+            return
+        self._spool({"op": "metrics", "step": int(step), "ts": now_ms(), "metrics": values})
 
     def set_tags(self, tags: dict[str, Any]) -> None:
         self._spool({"op": "tags", "tags": {k: str(v) for k, v in tags.items()}})
