@@ -179,6 +179,17 @@ class MlflowServer:
             self.__exit__()
             self.process = None
 
+    def kill(self) -> None:
+        """Gone at once (SIGKILL to the whole group), as in a crash or a lost machine: nothing
+        answers from here on, not even the requests already in flight."""
+        if self.process is not None:
+            try:
+                os.killpg(self.process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.process.wait(timeout=10)
+            self.process = None
+
     @property
     def running(self) -> bool:
         return self.process is not None and self.process.poll() is None
