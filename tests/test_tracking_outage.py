@@ -215,3 +215,42 @@ def test_a_server_that_accepts_but_never_answers_costs_the_logging_calls_nothing
     assert [r["step"] for r in pending if r["op"] == "metrics"] == list(range(1, 201))
     assert pending[-1] == {"op": "end", "status": "FINISHED", "ts": pending[-1]["ts"]}
     assert tracker.run_id is None
+
+
+def test_a_torn_last_record_is_dropped_a_resume_continues_the_spool_and_a_fresh_start_sets_it_aside(tmp_path, monkeypatch):
+    """No server at all (a port nobody listens on). A process killed in the middle of a write
+    leaves a partial line: the next start drops it. A resumed start continues the spool (the same
+    key: the same MLflow run once created; params not logged again); a fresh start in the same
+    directory keeps the earlier records aside for pipeline-sync and begins a new spool."""
+    from tests.servers import free_port
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "7")  # restored after the test (see above)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "120")
+    options = dict(active=True, tracking_uri=f"http://127.0.0.1:{free_port()}", run_dir=tmp_path, flush_timeout=0.5)
+    first = Tracker(**options, new_run=True)
+    first.log_params({"train.steps": 3})
+    first.log_metrics({"train/loss": 1.0}, 1)
+    first.close("KILLED")
+    records = tmp_path / "tracking" / "spool.jsonl"
+    with open(records, "a") as f:
+        f.write('{"op":"metrics","step":2,"ts":1,"metr')  # the write a kill cut short
+    key = json.loads((tmp_path / "tracking" / "run.json").read_text())["key"]
+
+    resumed = Tracker(**options)
+    assert resumed.resumed
+    resumed.log_params({"train.steps": 3})  # a resumed run keeps its first start's params
+    resumed.log_metrics({"train/loss": 0.5}, 2)
+    resumed.close("FINISHED")
+    lines = [json.loads(line) for line in records.read_text().splitlines()]  # every line whole
+    assert [r["op"] for r in lines] == ["start", "params", "metrics", "end", "start", "metrics", "end"]
+    assert [r["step"] for r in lines if r["op"] == "metrics"] == [1, 2]
+    assert json.loads((tmp_path / "tracking" / "run.json").read_text())["key"] == key
+
+    earlier = records.read_text()
+    fresh = Tracker(**options, new_run=True)
+    assert not fresh.resumed
+    fresh.close()
+    (aside,) = tmp_path.glob("tracking.*")
+    assert (aside / "spool.jsonl").read_text() == earlier and TrackingSpool(aside).count_pending() == 7
+    assert json.loads((tmp_path / "tracking" / "run.json").read_text())["key"] != key
+    assert [json.loads(line)["op"] for line in records.read_text().splitlines()] == ["start", "end"]
