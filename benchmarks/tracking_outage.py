@@ -73,7 +73,8 @@ def main() -> None:
         try:
             while not any(s >= args.stop_at for s, _ in spooled_steps(run_dir)):
                 if training.poll() is not None:
-                    raise SystemExit(f"training ended before step {args.stop_at}:\n{(tmp / 'train.log').read_text()[-3000:]}")
+                    output = (tmp / "train.log").read_text()[-3000:]
+                    raise SystemExit(f"training ended before step {args.stop_at}:\n{output}")
                 time.sleep(0.05)
             stopping = time.time()
             server.stop()
@@ -92,9 +93,11 @@ def main() -> None:
         log_text = (tmp / "train.log").read_text()
         left = next((line for line in log_text.splitlines() if "tracking records not uploaded" in line), "")
     up_mean, down_mean = statistics.mean(up), statistics.mean(down)
-    print(f"model {args.model}, {args.steps} steps, the server stopped after step {args.stop_at} (took {stopped - stopping:.1f} s)")
-    print(f"server up:   {len(up)} steps, mean {up_mean * 1000:.1f} ms/step (median {statistics.median(up) * 1000:.1f})")
-    print(f"server down: {len(down)} steps, mean {down_mean * 1000:.1f} ms/step (median {statistics.median(down) * 1000:.1f})")
+    print(f"model {args.model}, {args.steps} steps, the server stopped after step {args.stop_at} "
+          f"(stopping took {stopped - stopping:.1f} s)")
+    for name, times in (("server up:  ", up), ("server down:", down)):
+        print(f"{name} {len(times)} steps, mean {statistics.mean(times) * 1000:.1f} ms/step "
+              f"(median {statistics.median(times) * 1000:.1f})")
     print(f"ratio down/up: {down_mean / up_mean:.3f} (goal <= 1.05)")
     if left:
         print("at the end:", left.split("WARNING pipeline.tracking: ")[-1][:200])

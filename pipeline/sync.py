@@ -45,8 +45,9 @@ def main(argv: list[str] | None = None) -> int:
         uploader.upload()
     except Exception as exn:
         sent = ", ".join(f"{n} {what}" for what, n in uploader.sent.items()) or "nothing"
+        left = spool.count_pending()
         print(f"pipeline-sync: {uri} failed after sending {sent}: {exn}\n"
-              f"{spool.count_pending()} records left in {spool.directory}; run this again later", file=sys.stderr)  # fmt: skip
+              f"{left} records left in {spool.directory}; run this again later", file=sys.stderr)  # fmt: skip
         return 1
     sent = uploader.sent
     print(f"uploaded {sent['records']} records ({sent['metric points']} metric points, {sent['artifacts']} artifacts"

@@ -70,7 +70,8 @@ class Tracker:
         from pipeline.tracking_upload import Uploader, configure_http, is_local_store
 
         configure_http(request_timeout)
-        self.uri, self.run_dir, self.flush_timeout = resolve_tracking_uri(tracking_uri, run_dir), Path(run_dir), flush_timeout
+        self.uri, self.run_dir = resolve_tracking_uri(tracking_uri, run_dir), Path(run_dir)
+        self.flush_timeout = flush_timeout
         self.spool = TrackingSpool(self.run_dir / SPOOL_DIR)
         if new_run and self.spool.directory.exists():
             self._set_aside_earlier_spool()
@@ -153,8 +154,9 @@ class Tracker:
                 self.uploader.upload()
             except Exception as exn:
                 if not failing:
-                    log.warning("MLflow at %s unreachable (%s); training goes on, its records are kept in %s and "
-                                "sent when the server is back", self.uri, _first_line(exn), self.spool.directory)  # fmt: skip
+                    log.warning("MLflow at %s unreachable (%s); training goes on, its records are kept in %s "
+                                "and sent when the server is back", self.uri, _first_line(exn),
+                                self.spool.directory)  # fmt: skip
                     failing = True
                 self._give_up.wait(delay)  # not woken by new records: the server gets its pause
                 delay = min(2 * delay, RETRY_MAX_S)
