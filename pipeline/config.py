@@ -356,6 +356,21 @@ class TrackingConfig:
     """MLflow experiment name."""
     run_name: str = ""
     """MLflow run name; empty: the run directory's name."""
+    flush_timeout: float = 60.0
+    """Seconds the end of a run waits at most for its tracking spool (``<run_dir>/tracking/``,
+    every record logged, kept on disk first) to reach the server; what is left stays in the spool
+    for ``pipeline-sync <run_dir>``. Training itself never waits on the server."""
+    request_timeout: int = 10
+    """Seconds one request to the tracking server may take (``MLFLOW_HTTP_REQUEST_TIMEOUT`` for
+    the training process, with MLflow's own retries off: the spool's uploader retries instead)."""
+    system_metrics: bool = True
+    """Log MLflow's system metrics (``system/...``: CPU, memory, disk, network; GPUs with
+    ``nvidia-ml-py`` installed) from the main process's machine."""
+    system_metrics_interval: float = 10.0
+    """Seconds between two system metric samples."""
+
+    def __post_init__(self) -> None:
+        _check_positive(self, "flush_timeout", "request_timeout", "system_metrics_interval")
 
 
 @dataclass

@@ -174,6 +174,10 @@ class Trainer:
             run_name=cfg.tracking.run_name or self.run_dir.name,
             run_dir=self.run_dir,
             resume_run_id=run_id,
+            new_run=not (resumed and self._own_checkpoint()),
+            flush_timeout=cfg.tracking.flush_timeout,
+            request_timeout=cfg.tracking.request_timeout,
+            system_metrics_interval=cfg.tracking.system_metrics_interval if cfg.tracking.system_metrics else 0.0,
         )
 
     # --- set-up ----------------------------------------------------------------------------
@@ -228,8 +232,11 @@ class Trainer:
         restore_rng(state["rng"][rank] if same_layout else state["rng"][0])
         if self.is_main:
             log.info("resumed from %s (step %d, saved by %d process(es))", self.checkpoint, self.step, state["world_size"])
-        own = self.checkpoint.resolve().parent == self.checkpoint_dir.resolve()
-        return state.get("mlflow_run_id") if own else None
+        return state.get("mlflow_run_id") if self._own_checkpoint() else None
+
+    def _own_checkpoint(self) -> bool:
+        """The checkpoint resumed is this run directory's (not ``checkpoint.resume_from``'s)."""
+        return self.checkpoint.resolve().parent == self.checkpoint_dir.resolve()
 
     def _first_heldout_images(self) -> torch.Tensor:
         """The first held-out batch that has an image (this process's share); DataError naming the

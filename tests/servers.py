@@ -141,7 +141,7 @@ class MlflowServer:
         return f"http://127.0.0.1:{self.port}"
 
     def __enter__(self) -> "MlflowServer":
-        with open(self.log, "wb") as out:
+        with open(self.log, "ab") as out:  # a server started again adds to its log
             self.process = subprocess.Popen(self.argv, stdout=out, stderr=subprocess.STDOUT, env=self.env,
                                             start_new_session=True)  # fmt: skip
         # Importing mlflow and creating the SQLite schema take a while on a busy 2-core machine.
@@ -169,3 +169,42 @@ class MlflowServer:
         except subprocess.TimeoutExpired:
             os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait(timeout=10)
+
+    def start(self) -> "MlflowServer":
+        """``with`` for a server a test stops and starts again (the same port and store)."""
+        return self.__enter__()
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.__exit__()
+            self.process = None
+
+    def kill(self) -> None:
+        """Gone at once (SIGKILL to the whole group), as in a crash or a lost machine: nothing
+        answers from here on, not even the requests already in flight."""
+        if self.process is not None:
+            try:
+                os.killpg(self.process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.process.wait(timeout=10)
+            self.process = None
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+
+def local_mlflow_server(store: Path, port: int | None = None, env: dict | None = None) -> MlflowServer:
+    """``mlflow server`` (not started) on 127.0.0.1, a SQLite backend and the artifacts under
+    ``store``, one worker, no job runner (it only costs start-up time on a busy machine)."""
+    import sys
+
+    port = port or free_port()
+    store.mkdir(parents=True, exist_ok=True)
+    argv = [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+            "--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}", "--artifacts-destination", str(store / "artifacts"),
+            "--workers", "1"]  # fmt: skip
+    env = {**(env if env is not None else os.environ), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return MlflowServer(argv, port, log=store / "server.log", env=env)
