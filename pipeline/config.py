@@ -201,6 +201,11 @@ class OptimConfig:
     """Final learning rate of the cosine schedule, as a fraction of ``lr``."""
     grad_clip: float = 200.0
     """Gradient norm clipping threshold (the global L2 norm over all parameters)."""
+    implementation: Literal["for_loop", "foreach", "fused"] = "fused"
+    """AdamW's kernels (the same update either way, bitwise on CPU): ``for_loop`` a few ops per
+    tensor (torch's default on CPU), ``foreach`` each op over all tensors at once (torch's
+    default on GPU), ``fused`` one kernel per tensor doing the whole update
+    (``benchmarks/README.md``)."""
 
     def __post_init__(self) -> None:
         _check_positive(self, "lr", "grad_clip")
@@ -291,7 +296,20 @@ class TrainConfig:
     stdout is a terminal (a batch job's log file), instead of a progress bar whose carriage
     returns would turn the log into one endless line."""
 
+    channels_last: bool = True
+    """Keep the conv weights, hence the activations, in channels-last (NHWC) memory layout, which
+    oneDNN and cuDNN run without converting; the same results up to float rounding. Ignored
+    under DeepSpeed (a log line says so)."""
+    compile: Literal["none", "cells", "model"] = "none"
+    """``torch.compile`` the residual cells (``cells``: a graph per cell shape) or the whole
+    model's forward and backward (``model``). Costs compile time at the start of every run
+    (``benchmarks/README.md``); ignored under DeepSpeed (a log line says so)."""
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = "default"
+    """``torch.compile``'s mode; ``reduce-overhead`` replays CUDA graphs on a GPU."""
+
     def __post_init__(self) -> None:
+        if self.compile == "none" and self.compile_mode != "default":
+            raise ConfigError(f"train.compile_mode={self.compile_mode!r} needs train.compile=cells or model")
         if not self.run_dir.strip():
             # Path("") is the working directory: checkpoints, mlflow.db and exports would land there.
             raise ConfigError("train.run_dir: must not be empty (every output of the run goes there); "
