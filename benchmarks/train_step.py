@@ -3,7 +3,7 @@
     python benchmarks/train_step.py                                   # every CPU config and variant
     python benchmarks/train_step.py --configs quickstart,cifar10_w64 --variants eager,defaults --rounds 5
     python benchmarks/train_step.py --configs cifar10 --batch-size 4 --steps 2 --warmup 1 --rounds 1
-    python benchmarks/train_step.py --configs cifar10 --profile       # the top operators (torch.profiler)
+    python benchmarks/train_step.py --configs cifar10 --batch-size 4 --profile  # top operators, eager and defaults
     python benchmarks/train_step.py --configs cifar10,imagenet64 --batch-size cifar10=32,imagenet64=16  # on a GPU
 
 Times what the trainer does per optimizer step, on one fixed batch of real images (the embedded
@@ -15,9 +15,10 @@ config overrides (``train.channels_last=true``...) on top of the config's own se
 Each (config, variant, round) runs in a fresh process: Accelerate fixes the precision once per
 process, compiled code and allocator caches would leak from one variant into the next, and the
 peak RSS is per process. Variants are interleaved round by round (A B C, A B C, ...) so that a
-busy machine's drift hits them alike; the table gives medians over rounds and ratios to eager
-float32 measured in the same run. ``warm-up`` (the first steps, with compilation) is timed apart
-from the rate. Peak memory: on CUDA ``torch.cuda.max_memory_allocated``; on CPU the process's
+busy machine's drift hits them alike. A process's rate is the batch over its median step time
+(each step ends on reading the loss: a sync point); the table gives medians over rounds and
+ratios to eager float32 measured in the same run. ``warm-up`` (the first steps, with
+compilation) is timed apart from the rate. Peak memory: on CUDA ``torch.cuda.max_memory_allocated``; on CPU the process's
 peak RSS (``ru_maxrss``: interpreter and torch included) and, in brackets, its growth from just
 before the model was built (weights, optimizer state, EMA, activations, compiled code).
 ``loss`` is the first step's, from the same seed, weights, batch and noise in every variant.
@@ -151,13 +152,17 @@ def run_variant(cfg: Config, images: torch.Tensor, legacy_ema: bool, steps: int,
     warm = time.perf_counter() - start
     # Each step timed alone (a sync point: the loss is read), the median taken: on a shared
     # machine a step that waited for the cores says nothing about the code.
-    times = []
+    times, cpu_times = [], []
     for i in range(warmup, warmup + steps):
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         last_loss = step(i).item()
         times.append(time.perf_counter() - start)
+        cpu_times.append(time.process_time() - cpu_start)
     result = {
         "rate": images.shape[0] / statistics.median(times),
+        # This process's CPU time (all its threads): on a shared machine, with --threads 1, far
+        # steadier than the wall clock, which counts the time other processes held the core.
+        "cpu_rate": images.shape[0] / statistics.median(cpu_times),
         "warmup_s": warm,
         "step_s": times,
         "loss": first_loss,
@@ -168,11 +173,11 @@ def run_variant(cfg: Config, images: torch.Tensor, legacy_ema: bool, steps: int,
         "parameters": sum(p.numel() for p in module.parameters()),
     }
     if profile:
-        result["profile"] = profile_steps(step, warmup + steps, cuda)
+        result["profile"] = profile_steps(step, warmup + steps, cuda, count=steps)
     return result
 
 
-def profile_steps(step, first: int, cuda: bool, count: int = 2, rows: int = 20) -> str:
+def profile_steps(step, first: int, cuda: bool, count: int, rows: int = 20) -> str:
     """torch.profiler over ``count`` more steps: the top operators by self time."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -204,6 +209,8 @@ def child_main(args, variant: list[str]) -> None:
     legacy_ema = "ema=loop" in variant
     cfg = load_config(REPO / file, [*overrides, *args.overrides, *(v for v in variant if v != "ema=loop")])
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
+    if args.threads:
+        torch.set_num_threads(args.threads)
     images = real_batch(cfg.model.resolution, cfg.model.channels, args.child_batch or cfg.data.batch_size)
     result = run_variant(cfg, images, legacy_ema, args.steps, args.warmup, args.profile)
     print(json.dumps(result))
@@ -224,13 +231,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--configs", default="quickstart,fashion_mnist_28,cifar10_w64,cifar10",
                         help=f"comma-separated, of {', '.join(CONFIGS)}")  # fmt: skip
-    parser.add_argument("--variants", default=",".join(variants), help=f"comma-separated, of {', '.join(variants)}")
+    parser.add_argument("--variants", help=f"comma-separated, of {', '.join(variants)}; default all "
+                        "(with --profile: eager,defaults)")  # fmt: skip
     parser.add_argument("--batch-size", default="", help="N for every config, or name=N,...; default data.batch_size")
     parser.add_argument("--steps", type=int, default=20 if cuda else 4, help="timed steps per process")
     parser.add_argument("--warmup", type=int, default=5 if cuda else 2, help="untimed first steps (compilation)")
     parser.add_argument("--rounds", type=int, default=1 if cuda else 3, help="processes per variant, interleaved")
-    parser.add_argument("--profile", action="store_true", help="print the top operators of the eager step instead")
+    parser.add_argument("--profile", action="store_true", help="also print each variant's top operators")
     parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads per process (0: torch's default)")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per process")
     parser.add_argument("--cudnn-benchmark", action="store_true", help="let cuDNN time its conv algorithms first")
     parser.add_argument("--peak-tflops", type=float, default=0.0, help="the device's peak, for MFU (0: not shown)")
@@ -244,7 +253,7 @@ def main() -> None:
         return
 
     configs = args.configs.split(",")
-    chosen = ["eager"] if args.profile else args.variants.split(",")
+    chosen = (args.variants or ("eager,defaults" if args.profile else ",".join(variants))).split(",")
     if unknown := [c for c in configs if c not in CONFIGS] + [v for v in chosen if v not in variants]:
         sys.exit(f"unknown config or variant: {unknown}")
     sizes = batch_sizes(args.batch_size)
@@ -261,6 +270,7 @@ def main() -> None:
                     command.append("--profile")
                 if args.cudnn_benchmark:
                     command.append("--cudnn-benchmark")
+                command += ["--threads", str(args.threads)]
                 try:
                     child = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout, check=False)
                 except subprocess.TimeoutExpired:
@@ -270,7 +280,7 @@ def main() -> None:
                     print(f"{name} {variant}: failed ({child.returncode})\n{child.stderr[-2000:]}", file=sys.stderr)
                     continue
                 runs[variant].append(json.loads(child.stdout.strip().splitlines()[-1]))
-                print(f"  {name} {variant}: {runs[variant][-1]['rate']:.2f} images/s", file=sys.stderr, flush=True)
+                print(f"  {name} {variant}: {runs[variant][-1]['rate']:.2f} images/s, {runs[variant][-1]['cpu_rate']:.2f} per CPU-s", file=sys.stderr, flush=True)
         report["configs"][name] = summarize(name, runs, args)
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
@@ -287,22 +297,26 @@ def summarize(name: str, runs: dict[str, list[dict]], args) -> dict:
           f"{first['batch'][0]} of {tuple(first['batch'][1:])}, {args.steps} timed steps after {args.warmup}, "
           f"median of {args.rounds} interleaved rounds")  # fmt: skip
     if args.profile:
-        print(first["profile"])
-    medians = {v: {k: statistics.median(r[k] for r in rs) for k in ("rate", "warmup_s", "peak_mb", "growth_mb", "loss")}
-               for v, rs in done.items()}  # fmt: skip
+        for variant, results in done.items():
+            print(f"{variant}, {args.steps} steps after {args.warmup}, top operators by self time:\n{results[0]['profile']}")
+    keys = ("rate", "cpu_rate", "warmup_s", "peak_mb", "growth_mb", "loss")
+    medians = {v: {k: statistics.median(r[k] for r in rs) for k in keys} for v, rs in done.items()}
     base = medians.get("eager", {}).get("rate")
+    base_cpu = medians.get("eager", {}).get("cpu_rate")
     base_loss = medians.get("eager", {}).get("loss")
-    print(f"  {'variant':20s} {'images/s':>9s} {'x eager':>8s} {'warm-up s':>9s} {'peak MB (+growth)':>19s} "
+    print(f"  {'variant':20s} {'images/s':>9s} {'x eager':>8s} {'per CPU-s':>9s} {'x eager':>8s} {'warm-up s':>9s} "
+          f"{'peak MB (+growth)':>19s} "
           f"{'loss step 0':>12s} {'- eager':>9s} {'TFLOP/s':>8s} {'MFU':>5s}")  # fmt: skip
     for variant, m in medians.items():
         ratio = f"{m['rate'] / base:8.2f}" if base else f"{'':8s}"
+        cpu_ratio = f"{m['cpu_rate'] / base_cpu:8.2f}" if base_cpu else f"{'':8s}"
         diff = f"{m['loss'] - base_loss:+9.1e}" if base_loss is not None else f"{'':9s}"
         # MERGE POINT: TFLOP/s and MFU from pipeline.cost's conv FLOP count (achieved_tflops).
         tflops = achieved_tflops(load_config(REPO / file, [*overrides, *args.overrides]), m["rate"])
         mfu = f"{tflops / args.peak_tflops:5.0%}" if tflops and args.peak_tflops else f"{'n/a':>5s}"
         growth = "" if m["growth_mb"] != m["growth_mb"] else f" (+{m['growth_mb']:.0f})"
         peak = f"{m['peak_mb']:.0f}{growth}"
-        print(f"  {variant:20s} {m['rate']:9.2f} {ratio} {m['warmup_s']:9.1f} {peak:>19s} "
+        print(f"  {variant:20s} {m['rate']:9.2f} {ratio} {m['cpu_rate']:9.2f} {cpu_ratio} {m['warmup_s']:9.1f} {peak:>19s} "
               f"{m['loss']:12.6f} {diff} {f'{tflops:.2f}' if tflops else 'n/a':>8s} {mfu}")  # fmt: skip
     return {"batch": first["batch"], "parameters": first["parameters"], "medians": medians, "runs": done}
 
