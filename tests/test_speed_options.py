@@ -78,7 +78,7 @@ def test_each_option_gives_the_plain_step_within_float_rounding(plain_step, opti
 # Inductor compiles C++ for every graph: minutes for the tiny model on a busy 2-core machine, so
 # compilation is checked on the smallest model that has every part (two resolutions, a merge).
 SMALLEST = ["model.resolution=8", "model.width=8", "model.latent_channels=2", "model.encoder_blocks=8x1,8d2,4x1",
-            "model.decoder_blocks=4x1,8m4", "train.channels_last=true", "optim.implementation=fused"]
+            "model.decoder_blocks=4x1,8m4", "train.channels_last=true"]
 
 
 @pytest.mark.slow
