@@ -192,15 +192,12 @@ def profile_steps(step, first: int, cuda: bool, count: int, rows: int = 20) -> s
 
 
 def achieved_tflops(cfg: Config, rate: float) -> float | None:
-    """TFLOP/s of the step's convolutions at ``rate`` images/s.
+    """TFLOP/s of the step's convolutions at ``rate`` images/s; None (shown as n/a) until wired.
 
-    >>> MERGE POINT: wire pipeline.cost.conv_flops_per_image (written on another branch) here:
-    return 3 * conv_flops_per_image(cfg.model) * rate / 1e12 (backward = 2x forward). <<<
+    MERGE POINT: pipeline.cost.conv_flops_per_image (another branch) gives the count; then
+    ``return 3 * conv_flops_per_image(cfg.model) * rate / 1e12`` (the backward pass costs
+    twice the forward: the gradients of the inputs and of the weights).
     """
-    try:
-        from pipeline.cost import conv_flops_per_image  # noqa: F401
-    except ImportError:
-        return None
     return None
 
 

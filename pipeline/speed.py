@@ -25,15 +25,17 @@ def prepare_model(model: nn.Module, train: TrainConfig, deepspeed: bool = False)
     if deepspeed and (train.channels_last or train.compile != "none"):
         # ZeRO flattens the weights into its own contiguous buffers (undoing the layout) and
         # hooks every module's forward, which compiled modules would trace through.
-        log.info("train.channels_last and train.compile are ignored under DeepSpeed")
+        log.info("under DeepSpeed the weights stay contiguous and uncompiled (train.channels_last=%s and "
+                 "train.compile=%s have no effect)", train.channels_last, train.compile)
         return model
     if train.channels_last:
         # oneDNN (CPU) and cuDNN keep a channels-last conv's output channels-last, so the
         # whole network follows the weights without converting the input images.
         model.to(memory_format=torch.channels_last)
     if train.compile == "cells":
-        # One graph per cell shape, shared by the cells of that shape: compiles in seconds
-        # where the whole model (hundreds of cells) takes minutes.
+        # Graphs of the residual cells alone (shared by cells of one shape): what is between
+        # them (the heads' distributions, the likelihood) stays eager, with no graph breaks to
+        # find there. Measured slower than eager on a CPU (benchmarks/README.md).
         for module in model.modules():
             if isinstance(module, ResidualBlock):
                 module.compile(mode=train.compile_mode)
