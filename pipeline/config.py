@@ -252,9 +252,9 @@ class TrainConfig:
     seed: int = 0
     """Seed of parameter init and of the sampling noise (offset by rank)."""
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
-    """Autocast precision; ``no`` is float32 (the default). On a CPU with AMX or AVX512-BF16,
-    ``bf16`` made the step 1.4x faster per CPU-second (``benchmarks/README.md``); elsewhere it
-    is slower on a CPU."""
+    """Autocast precision; ``no`` is float32 (the default). On a CPU with AMX (e.g. Sapphire
+    Rapids) ``bf16`` made the step 1.15x to 1.44x faster than eager float32, not steadily more
+    than the float32 defaults (``benchmarks/README.md``); without AMX or AVX512-BF16 it is slower."""
     grad_accum_steps: int = 1
     """Micro-batches accumulated per optimizer step (the global batch is data.batch_size x this
     x processes; DeepSpeed's gradient_accumulation_steps is derived from it)."""
