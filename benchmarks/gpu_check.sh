@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The checks a lent GPU machine runs, in one go (about 6 minutes): the pipeline end to end on
-# CUDA in bf16, the model's step throughput in float32 vs bf16, and the loader with 8 workers.
+# The checks a lent GPU machine runs, in one go (within 8 minutes): the pipeline end to end on
+# CUDA in bf16, the model's step throughput per speed option, and the loader with 8 workers.
 # The machine has torch and accelerate but not pyspng or webdataset, and no ../shared: carry
 # their wheels and Fashion-MNIST's train-images-idx3-ubyte.gz in $WHEELS (default .gpu/).
 # Arguments pick sections (e2e, steps, loader); none runs all three.
@@ -29,9 +29,18 @@ ls /tmp/runs/quickstart /tmp/runs/quickstart/checkpoints /tmp/runs/quickstart/en
 fi
 
 if want steps; then
-echo "== 2. model step throughput, float32 vs bf16"
-timeout 100 python3 benchmarks/train_step.py --config configs/cifar10.yaml --batch-size 32 --steps 20 --warmup 5
-timeout 100 python3 benchmarks/train_step.py --config configs/imagenet64.yaml --batch-size 16 --steps 10 --warmup 3
+# One process per variant: fp32, bf16, bf16 + channels_last, bf16 + torch.compile of the model,
+# the same with CUDA graphs (reduce-overhead), and the defaults. The compiled ones spend most of
+# their time compiling (timed apart, "warm-up s"); a variant over --timeout is left out, the
+# others still reported. About 4.5 minutes in all. --peak-tflops: the H200's dense bf16 peak,
+# for MFU (the TFLOP/s column comes from pipeline.cost's conv FLOP count once wired).
+echo "== 2. model step throughput and peak memory per speed option"
+timeout 150 python3 benchmarks/train_step.py --configs cifar10 --batch-size 32 --steps 20 --warmup 5 --rounds 1 \
+  --timeout 60 --peak-tflops 989 --json "$OUT/train_step_cifar10.json"
+timeout 90 python3 benchmarks/train_step.py --configs imagenet64 --batch-size 16 --steps 10 --warmup 3 --rounds 1 \
+  --timeout 40 --variants eager,bf16,bf16_channels_last,bf16_compile --peak-tflops 989 --json "$OUT/train_step_imagenet64.json"
+echo "== 2b. the CIFAR-10 step's top CUDA kernels (torch.profiler, eager float32)"
+timeout 45 python3 benchmarks/train_step.py --configs cifar10 --batch-size 32 --steps 5 --warmup 3 --rounds 1 --profile
 fi
 
 if want loader; then

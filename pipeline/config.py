@@ -206,6 +206,11 @@ class OptimConfig:
     """Final learning rate of the cosine schedule, as a fraction of ``lr``."""
     grad_clip: float = 200.0
     """Gradient norm clipping threshold (the global L2 norm over all parameters)."""
+    implementation: Literal["for_loop", "foreach", "fused"] = "foreach"
+    """AdamW's kernels, the same update: ``for_loop`` a few ops per tensor (torch's default on
+    CPU), ``foreach`` each op over all tensors at once (torch's default on GPU; bitwise the same
+    as ``for_loop``), ``fused`` one kernel per tensor doing the whole update (the same within
+    float rounding). Measured in ``benchmarks/README.md``."""
 
     def __post_init__(self) -> None:
         _check_positive(self, "lr", "grad_clip")
@@ -252,7 +257,9 @@ class TrainConfig:
     seed: int = 0
     """Seed of parameter init and of the sampling noise (offset by rank)."""
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
-    """Autocast precision; ``no`` is float32 (the default, and the only sensible one on CPU)."""
+    """Autocast precision; ``no`` is float32 (the default). On a CPU with AMX (e.g. Sapphire
+    Rapids) ``bf16`` made the step 1.15x to 1.44x faster than eager float32, not steadily more
+    than the float32 defaults (``benchmarks/README.md``); without AMX or AVX512-BF16 it is slower."""
     grad_accum_steps: int = 1
     """Micro-batches accumulated per optimizer step (the global batch is data.batch_size x this
     x processes; DeepSpeed's gradient_accumulation_steps is derived from it)."""
@@ -305,7 +312,20 @@ class TrainConfig:
     """Rollbacks allowed in the whole run (counted in the checkpoints, so across resumes); one
     more needed stops the run with exit 4, its newest checkpoint left as it was."""
 
+    channels_last: bool = True
+    """Keep the conv weights, hence the activations, in channels-last (NHWC) memory layout, which
+    oneDNN and cuDNN run without converting; the same results up to float rounding. Ignored
+    under DeepSpeed (a log line says so)."""
+    compile: Literal["none", "cells", "model"] = "none"
+    """``torch.compile`` the residual cells (``cells``: a graph per cell shape) or the whole
+    model's forward and backward (``model``). Costs compile time at the start of every run
+    (``benchmarks/README.md``); ignored under DeepSpeed (a log line says so)."""
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = "default"
+    """``torch.compile``'s mode; ``reduce-overhead`` replays CUDA graphs on a GPU."""
+
     def __post_init__(self) -> None:
+        if self.compile == "none" and self.compile_mode != "default":
+            raise ConfigError(f"train.compile_mode={self.compile_mode!r} needs train.compile=cells or model")
         if not self.run_dir.strip():
             # Path("") is the working directory: checkpoints, mlflow.db and exports would land there.
             raise ConfigError("train.run_dir: must not be empty (every output of the run goes there); "

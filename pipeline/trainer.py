@@ -22,7 +22,7 @@ from typing import Any
 import torch
 import yaml
 from accelerate import Accelerator
-from accelerate.utils import gather_object, set_seed
+from accelerate.utils import DistributedType, gather_object, set_seed
 
 from pipeline.checkpoint import (
     CHECKPOINT_DIR,
@@ -69,6 +69,7 @@ from pipeline.runs import (
     resolve_data_urls,
     resolve_input_statistics,
 )
+from pipeline.speed import make_optimizer, prepare_model
 from pipeline.stopping import StopRequests, TrainingStopped, clear_stopped, reason, write_stopped
 from pipeline.tracking import Tracker
 from pipeline.updates import TrainingDiverged, UpdateGuard
@@ -117,15 +118,11 @@ class Trainer:
                 raise SystemExit(f"{self.checkpoint} was trained with a different model config; use a new train.run_dir")
             # Before prepare(): DeepSpeed builds its float32 masters and ZeRO partitions from these.
             model.load_state_dict(resumed[0])
+        prepare_model(model, cfg.train, deepspeed=accelerator.distributed_type == DistributedType.DEEPSPEED)
         self.ema = EMA(model, cfg.objective.ema_decay)
         if resumed:
             self.ema.load_state_dict(load_ema(self.checkpoint) or resumed[0])
-        optimizer = torch.optim.AdamW(
-            model.parameters(),
-            lr=cfg.optim.lr,
-            betas=(cfg.optim.beta1, cfg.optim.beta2),
-            weight_decay=cfg.optim.weight_decay,
-        )
+        optimizer = make_optimizer(model.parameters(), cfg.optim)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(lr_factor, cfg))
         # The data loaders are not prepared: the pipeline already splits shards by rank, and
         # Accelerate's dispatching would split our batches a second time.

@@ -44,7 +44,9 @@ def standard_normal_like(x: torch.Tensor) -> torch.Tensor:
     """N(0, 1) noise shaped like ``x`` (batch first): this process's slice of the whole step's."""
     index, count = _slice
     if count == 1:
-        return torch.randn_like(x)
+        # Not randn_like, which draws in x's memory order: channels-last activations
+        # (train.channels_last) would get the same numbers at other places, hence other noise.
+        return torch.randn(x.shape, dtype=x.dtype, device=x.device)
     n = x.shape[0]
     full = torch.randn((count * n, *x.shape[1:]), dtype=x.dtype, device=x.device)
     return full[index * n : (index + 1) * n]
