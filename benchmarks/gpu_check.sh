@@ -33,7 +33,8 @@ if want steps; then
 # the same with CUDA graphs (reduce-overhead), and the defaults. The compiled ones spend most of
 # their time compiling (timed apart, "warm-up s"); a variant over --timeout is left out, the
 # others still reported. About 4.5 minutes in all. --peak-tflops: the H200's dense bf16 peak,
-# for MFU (the TFLOP/s column comes from pipeline.cost's conv FLOP count once wired).
+# for MFU (the TFLOP/s column is pipeline.cost's conv FLOP count x 3 x images/s; fp32 rows are read
+# against the same bf16 peak, so their MFU is a lower bound of what fp32 could reach).
 echo "== 2. model step throughput and peak memory per speed option"
 timeout 150 python3 benchmarks/train_step.py --configs cifar10 --batch-size 32 --steps 20 --warmup 5 --rounds 1 \
   --timeout 60 --peak-tflops 989 --json "$OUT/train_step_cifar10.json"

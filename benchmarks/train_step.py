@@ -42,6 +42,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # run as a script from anywhere: this checkout's pipeline
 
 from pipeline.config import Config, load_config  # noqa: E402
+from pipeline.cost import train_flops_per_image, vae_flops_per_image  # noqa: E402
 
 CONFIGS = {
     "quickstart": ("configs/quickstart.yaml", []),
@@ -191,14 +192,12 @@ def profile_steps(step, first: int, cuda: bool, count: int, rows: int = 20) -> s
     return prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=50)
 
 
-def achieved_tflops(cfg: Config, rate: float) -> float | None:
-    """TFLOP/s of the step's convolutions at ``rate`` images/s; None (shown as n/a) until wired.
-
-    MERGE POINT: pipeline.cost.conv_flops_per_image (another branch) gives the count; then
-    ``return 3 * conv_flops_per_image(cfg.model) * rate / 1e12`` (the backward pass costs
-    twice the forward: the gradients of the inputs and of the weights).
-    """
-    return None
+def achieved_tflops(cfg: Config, rate: float) -> float:
+    """TFLOP/s of the step's convolutions at ``rate`` images/s: the run's own count
+    (pipeline/cost.py: every Conv2d and Linear of one forward pass, 2 FLOPs per multiply-add,
+    the training step 3 forward passes, since the backward computes the gradients of both the
+    inputs and the weights), the same figure the trainer logs as ``cost/achieved_flops_per_s``."""
+    return train_flops_per_image(vae_flops_per_image(cfg.model)) * rate / 1e12
 
 
 def child_main(args, variant: list[str]) -> None:
@@ -308,7 +307,7 @@ def summarize(name: str, runs: dict[str, list[dict]], args) -> dict:
         ratio = f"{m['rate'] / base:8.2f}" if base else f"{'':8s}"
         cpu_ratio = f"{m['cpu_rate'] / base_cpu:8.2f}" if base_cpu else f"{'':8s}"
         diff = f"{m['loss'] - base_loss:+9.1e}" if base_loss is not None else f"{'':9s}"
-        # MERGE POINT: TFLOP/s and MFU from pipeline.cost's conv FLOP count (achieved_tflops).
+        # MFU: the achieved TFLOP/s over the device's peak (--peak-tflops, e.g. 989 for an H100/H200 in bf16 dense).
         tflops = achieved_tflops(load_config(REPO / file, [*overrides, *args.overrides]), m["rate"])
         mfu = f"{tflops / args.peak_tflops:5.0%}" if tflops and args.peak_tflops else f"{'n/a':>5s}"
         growth = "" if m["growth_mb"] != m["growth_mb"] else f" (+{m['growth_mb']:.0f})"
