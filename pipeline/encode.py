@@ -43,7 +43,7 @@ import torch
 
 from pipeline.data.loader import make_loader
 from pipeline.data.plan import Shard
-from pipeline.data.shards import MANIFEST_NAME, _add_member, _sha256
+from pipeline.data.shards import MANIFEST_NAME, _add_member, file_sha256
 from pipeline.data.streams import DataError, StreamOptions, is_remote
 from pipeline.data.urls import resolve_shards
 from pipeline.encoder import Encoder
@@ -125,7 +125,7 @@ def encode_shard(encoder: Encoder, shard: Shard, out: Path, *, rank: int, batch_
                     for field, array in arrays:
                         _add_member(tar, f"{key}.{field}.npy", npy_bytes(array[j]))
                 written += len(batch["key"])
-        entry = {"name": name, "samples": written, "bytes": tmp.stat().st_size, "sha256": _sha256(tmp),
+        entry = {"name": name, "samples": written, "bytes": tmp.stat().st_size, "sha256": file_sha256(tmp),
                  "source": shard.url, "source_samples": shard.samples}  # fmt: skip
         record = _record(out, name)
         record.with_suffix(".json.tmp").write_text(json.dumps(entry) + "\n")
