@@ -27,7 +27,8 @@ from pipeline.checkpoint import load_checkpoint
 from pipeline.config import ConfigError, load_config
 from pipeline.data.shards import main as write_shards
 from pipeline.distributed import check_launcher_precision, deepspeed_config
-from tests.conftest import FASHION_MNIST, REPO, launch_command, test_environment
+from tests.conftest import FASHION_MNIST, REPO, launch_command
+from tests.conftest import test_environment as environment  # (an alias: pytest would collect test_*)
 
 pytestmark = pytest.mark.slow
 
@@ -172,7 +173,7 @@ def test_ddp_across_two_machines(shards, data_cache, tmp_path):
                        launcher_args=("--machine_rank", str(rank), "--main_process_port", port))  # fmt: skip
         for rank in (0, 1)
     ]
-    procs = [subprocess.Popen(c, cwd=REPO, env=test_environment(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    procs = [subprocess.Popen(c, cwd=REPO, env=environment(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True) for c in commands]  # fmt: skip
     outputs = [p.communicate(timeout=600)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
@@ -217,7 +218,7 @@ def test_a_killed_rank_stops_the_job(shards, data_cache, tmp_path):
     command = launch_command(run_dir, *COMMON, *shards, "data.batch_size=4", "train.steps=100000",
                              "checkpoint.every=1000", "train.collective_timeout=60", data_cache=data_cache,
                              accelerate_config="cpu_ddp", num_processes=2)  # fmt: skip
-    launcher = subprocess.Popen(command, cwd=REPO, env=test_environment(), stdout=subprocess.PIPE,
+    launcher = subprocess.Popen(command, cwd=REPO, env=environment(), stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True)  # fmt: skip
     try:
         victim = _wait_for_rank(launcher.pid, rank=1)

@@ -1,5 +1,6 @@
 """What a run records about itself: params with secrets masked, and tags (git, Slurm, hosts)."""
 
+import json
 import shutil
 import subprocess
 import sys
@@ -116,13 +117,15 @@ def test_hostnames_are_gathered_from_every_rank(tmp_path):
         state = PartialState(cpu=True)  # gloo, as pipeline.distributed makes it without a GPU
         socket.gethostname = lambda: f"host-{state.process_index}"
         from pipeline.run_info import gather_hostnames
-        print("HOSTS", json.dumps(gather_hostnames()), flush=True)
+        # A file per rank: the two processes share one stdout, where their lines can interleave.
+        with open(os.path.join(sys.argv[1], f"hosts-{state.process_index}.json"), "w") as out:
+            json.dump(gather_hostnames(), out)
     """))
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                str(REPO / "configs" / "accelerate" / "cpu_ddp.yaml"), "--num_processes", "2",
-               "--main_process_port", str(free_port()), str(script)]  # fmt: skip
+               "--main_process_port", str(free_port()), str(script), str(tmp_path)]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=300,
                             env=environment_without_tracking_uri({"PYTHONPATH": str(REPO)}))  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
-    lines = [line for line in result.stdout.splitlines() if line.startswith("HOSTS")]
-    assert lines == ['HOSTS ["host-0", "host-1"]'] * 2
+    gathered = [json.loads((tmp_path / f"hosts-{rank}.json").read_text()) for rank in (0, 1)]
+    assert gathered == [["host-0", "host-1"]] * 2
