@@ -340,6 +340,8 @@ def plot_quality_against_cost(history: list[dict[str, Any]], path: Path, report:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from pipeline.evaluate import save_figure
+
     hours = [h["device_hours"] for h in history]
     fig, axis = plt.subplots(figsize=(6.5, 4.2))
     axis.plot(hours, [h["eval/loss"] for h in history], "o-", color="tab:blue", label="live weights")
@@ -356,12 +358,7 @@ def plot_quality_against_cost(history: list[dict[str, Any]], path: Path, report:
     axis.title.set_fontsize(9)
     axis.legend()
     axis.grid(alpha=0.3)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def save_history(history: list[dict[str, Any]], path: Path) -> None:

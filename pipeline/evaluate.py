@@ -181,6 +181,14 @@ def plot_report(report: dict[str, Any], path: str | Path) -> Path:
     if report.get("iw_bound_bpd") is not None:
         title += f"\nIW bound (K={report['iw_samples']}) {report['iw_bound_bpd']:.3f}"
     axes[2].set(title=title, ylabel="bits/dim")
+    return save_figure(fig, path)
+
+
+def save_figure(fig, path: Path | str) -> Path:
+    """Lay out, write (parent directories made) and close a matplotlib figure: the report's
+    figure and the trainer's quality-against-cost figure are saved alike."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
