@@ -38,7 +38,7 @@ test: install
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm munge >/dev/null; fi
 	@if [ ! -e ../shared/data/fashion-mnist ] && [ ! -e /usr/share/datasets/fashion-mnist ] && [ "$$(id -u)" = 0 ]; then \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null; fi
-	$(BIN)/python -m pytest -q -rs tests
+	$(BIN)/python -m pytest -q -rs --durations=20 tests
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -144,8 +144,12 @@ class Tracker:
     def _upload_in_background(self) -> None:
         delay, failing = RETRY_FIRST_S, False
         while not self._give_up.is_set():
+            # Read "closing" before the spool's size: close() appends its last record before it
+            # sets the flag, so a flag seen set means that size holds every record. (The other
+            # order lost records appended between the two reads.)
+            closing = self._closing.is_set()
             if self.spool.pending_bytes() <= 0:
-                if self._closing.is_set():
+                if closing:
                     return
                 self._wake.wait(IDLE_POLL_S)
                 self._wake.clear()

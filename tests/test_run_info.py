@@ -120,6 +120,10 @@ def test_hostnames_are_gathered_from_every_rank(tmp_path):
         # A file per rank: the two processes share one stdout, where their lines can interleave.
         with open(os.path.join(sys.argv[1], f"hosts-{state.process_index}.json"), "w") as out:
             json.dump(gather_hostnames(), out)
+        # Leave gloo together: a rank that exits while its peer still holds the group aborts in C++
+        # ("terminate called without an active exception"), as train.py's end_training avoids.
+        state.wait_for_everyone()
+        state.destroy_process_group()
     """))
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                str(REPO / "configs" / "accelerate" / "cpu_ddp.yaml"), "--num_processes", "2",

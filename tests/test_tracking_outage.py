@@ -254,3 +254,31 @@ def test_a_torn_last_record_is_dropped_a_resume_continues_the_spool_and_a_fresh_
     assert (aside / "spool.jsonl").read_text() == earlier and TrackingSpool(aside).count_pending() == 7
     assert json.loads((tmp_path / "tracking" / "run.json").read_text())["key"] != key
     assert [json.loads(line)["op"] for line in records.read_text().splitlines()] == ["start", "end"]
+
+
+def test_records_logged_while_the_uploader_finds_the_spool_empty_are_uploaded_by_close(tmp_path, monkeypatch):
+    """The uploader thread reads the spool as empty; before it acts on that, the training thread
+    logs a tag and closes. close() must still upload the tag: the thread may only stop on an empty
+    spool it read *after* it saw the run closing. Made deterministic by holding the thread
+    between its read and its decision until close() has set its flag."""
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    tracker = Tracker(active=True, tracking_uri=uri, experiment="race", run_dir=tmp_path, new_run=True,
+                      system_metrics_interval=0)  # fmt: skip
+    read_empty, real = threading.Event(), TrackingSpool.pending_bytes
+
+    def pending_bytes_then_hold(spool):
+        value = real(spool)
+        if value <= 0 and threading.current_thread().name == "tracking-upload" and not read_empty.is_set():
+            read_empty.set()
+            assert tracker._closing.wait(10), "close() never came"
+        return value
+
+    monkeypatch.setattr(TrackingSpool, "pending_bytes", pending_bytes_then_hold)
+    assert read_empty.wait(10), "the uploader never found the spool empty"
+    tracker.set_tags({"logged_at_the_end": "yes"})
+    tracker.close("FINISHED")
+    run = MlflowClient(tracking_uri=uri).get_run(tracker.run_id)
+    assert run.data.tags.get("logged_at_the_end") == "yes" and run.info.status == "FINISHED"
+    assert TrackingSpool(tmp_path / "tracking").count_pending() == 0
