@@ -25,7 +25,6 @@ checksums were recorded still load, after a check of their files' headers.
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 import logging
 import os
@@ -41,6 +40,8 @@ import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
+
+from pipeline.data.shards import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -213,7 +214,7 @@ def save_checkpoint(
     # Hashed by reading back what was just written (from the page cache): safetensors writes its
     # files itself, and serialising to bytes first to hash them on the way was slower (README).
     files = sorted(tmp.iterdir())
-    checksums = {"sha256": {f.name: _sha256(f) for f in files}, "bytes": {f.name: f.stat().st_size for f in files}}
+    checksums = {"sha256": {f.name: file_sha256(f) for f in files}, "bytes": {f.name: f.stat().st_size for f in files}}
     (tmp / CHECKSUMS_FILE).write_text(json.dumps(checksums, indent=1) + "\n")
     for f in tmp.iterdir():
         _fsync(f)
@@ -261,15 +262,6 @@ def _load_tensors(file: Path) -> dict[str, torch.Tensor]:
 
 
 # --- verification ------------------------------------------------------------------------------
-
-
-def _sha256(file: Path) -> str:
-    digest = hashlib.sha256()
-    buffer = memoryview(bytearray(1 << 20))
-    with open(file, "rb", buffering=0) as f:
-        while n := f.readinto(buffer):
-            digest.update(buffer[:n])
-    return digest.hexdigest()
 
 
 # Checkpoints this process has verified, with their files' (name, size, mtime, inode) then: the
@@ -334,7 +326,7 @@ def _check_sums(path: Path) -> None:
         size = file.stat().st_size
         if name in sizes and size != sizes[name]:  # no need to hash a truncated file
             raise CheckpointError(f"{file}: damaged, {size} bytes where {sizes[name]} were written (truncated?)")
-        actual = _sha256(file)
+        actual = file_sha256(file)
         if actual != expected:
             raise CheckpointError(f"{file}: damaged, its sha256 {actual[:16]}... differs from the {expected[:16]}... "
                                   "recorded when it was written")  # fmt: skip

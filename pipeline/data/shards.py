@@ -276,10 +276,12 @@ def _closed_tar_bytes(offset: int) -> int:
 
 
 def file_sha256(path: Path) -> str:
+    """A file's sha256 (shards, checkpoints), read in 1 MiB blocks into one reused buffer."""
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
+    buffer = memoryview(bytearray(1 << 20))
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buffer):
+            digest.update(buffer[:n])
     return digest.hexdigest()
 
 
