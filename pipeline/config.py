@@ -411,12 +411,25 @@ class FaultsConfig:
     gradient of one parameter, before the all-reduce, while the loss stays finite."""
     inject_value: Literal["nan", "inf"] = "nan"
     """What the poisoned loss or gradient becomes."""
+    hold_at_step: int = 0
+    """At this step's boundary the trainer waits (every rank, at most 300 s) until a stop is
+    requested, then ``hold_seconds`` more, and says so on stderr first: a test's signal then
+    lands at a known step however fast or slow the machine (tests/test_signals.py). 0: never."""
+    hold_seconds: float = 0.0
+    """How long the hold goes on after the stop request (a second Ctrl-C's window)."""
+
+    def hold(self) -> tuple[int, float] | None:
+        """``(step, seconds)`` for pipeline.stopping.StopRequests, or None."""
+        return (self.hold_at_step, self.hold_seconds) if self.hold_at_step > 0 else None
 
     def __post_init__(self) -> None:
         if any(step <= 0 for step in self.inject_nonfinite_steps):
             raise ConfigError(f"faults.inject_nonfinite_steps: steps count from 1, got {self.inject_nonfinite_steps}")
         if any(rank < 0 for rank in self.inject_ranks):
             raise ConfigError(f"faults.inject_ranks: ranks count from 0, got {self.inject_ranks}")
+        if self.hold_at_step < 0 or self.hold_seconds < 0:
+            raise ConfigError(f"faults.hold_at_step, faults.hold_seconds: not negative, got {self.hold_at_step}, "
+                              f"{self.hold_seconds}")  # fmt: skip
         if self.inject_nonfinite_steps and not self.inject_ranks:
             raise ConfigError("faults.inject_ranks: empty, so faults.inject_nonfinite_steps would inject nothing")
 

@@ -41,10 +41,6 @@ SIGNAL_NAMES = ("TERM", "INT", "USR1", "USR2", "HUP")  # what train.stop_signals
 REPEAT_WINDOW_S = 1.0  # a SIGINT within this of the first is the same one, delivered twice
 TIME_LIMIT = 1000  # the request code of train.time_limit; a signal's code is its number (1..64)
 
-# Test-only: "<step>[:<seconds>]" makes the trainer wait at that step's boundary until a stop is
-# requested (then for <seconds> more), so that a test's signal lands at a known step however
-# fast or slow the machine. Never set outside tests/test_signals.py.
-HOLD_VARIABLE = "HVAE_TEST_HOLD_AT_STEP"
 
 
 def reason(code: int) -> str:
@@ -70,7 +66,7 @@ class StopRequests:
     """
 
     def __init__(self, signal_names: list[str] | tuple[str, ...] = (), time_limit_s: float | None = None,
-                 main_process: bool = True, clock=time.monotonic) -> None:  # fmt: skip
+                 main_process: bool = True, clock=time.monotonic, hold: tuple[int, float] | None = None) -> None:  # fmt: skip
         self.signals = [getattr(signal, f"SIG{name}") for name in dict.fromkeys(signal_names)]
         self.time_limit_s = time_limit_s
         self.clock, self.started = clock, clock()
@@ -80,7 +76,7 @@ class StopRequests:
         self._first_step: int | None = None  # the step this process started at
         self.stepped = False  # whether this process made a step (the time limit waits for one)
         self._previous: dict[int, Any] = {}
-        self._hold = _parse_hold(os.environ.get(HOLD_VARIABLE, ""))
+        self._hold = hold  # (step, seconds): faults.hold_at_step, for tests only
 
     # --- signals ------------------------------------------------------------------------------
 
@@ -145,7 +141,7 @@ class StopRequests:
         return int(flag.item())
 
     def _wait_for_a_request(self, accelerator, step: int) -> None:
-        """The test hold (``HOLD_VARIABLE``): all ranks wait here, agreeing every 50 ms, until one
+        """The test hold (``faults.hold_at_step``): all ranks wait here, agreeing every 50 ms, until one
         of them has a request (at most 300 s), then ``seconds`` more."""
         _, extra = self._hold
         _say(f"test hold at step {step}: waiting for a stop request")
@@ -210,9 +206,3 @@ def _say(message: str) -> None:
     except OSError:
         pass
 
-
-def _parse_hold(text: str) -> tuple[int, float] | None:
-    if not text:
-        return None
-    step, _, extra = text.partition(":")
-    return int(step), float(extra or 0)

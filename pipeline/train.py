@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"config error: {err}", file=sys.stderr)
         return 2
     # From here on a stop signal is kept for the first step boundary (pipeline/stopping.py).
-    stop = StopRequests(cfg.train.stop_signals, cfg.train.time_limit_seconds())
+    stop = StopRequests(cfg.train.stop_signals, cfg.train.time_limit_seconds(), hold=cfg.faults.hold())
     stop.install()
 
     # Heavy imports after the config check, so a typo is reported in a second.

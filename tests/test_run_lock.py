@@ -93,10 +93,11 @@ def test_a_sigkilled_run_leaves_no_lock_and_its_rerun_resumes(tmp_path, launch, 
     log = tmp_path / "first.log"
     with open(log, "w") as stderr:
         # Held at step 2's boundary (after the checkpoint of step 1), with its loader workers alive.
-        command = launch_command(run_dir, *overrides, "data.num_workers=2", data_cache=data_cache, plain_python=True)
+        command = launch_command(run_dir, *overrides, "data.num_workers=2", "faults.hold_at_step=2", data_cache=data_cache,
+                                 plain_python=True)  # fmt: skip
         first = subprocess.Popen(command,
                                  stdout=subprocess.DEVNULL, stderr=stderr, cwd=REPO,
-                                 env=environment({"HVAE_TEST_HOLD_AT_STEP": "2"}))  # fmt: skip
+                                 env=environment())  # fmt: skip
     try:
         _wait_for(lambda: "test hold at step 2" in log.read_text(), "hold at step 2", first)
         os.kill(first.pid, signal.SIGKILL)

@@ -1,9 +1,9 @@
 """Stopping early and resuming: signals, train.time_limit, exit code 75, the MLflow run KILLED and
 reopened, and plain progress lines in a log file. Real training processes, 1 and 2 ranks.
 
-A signal must land at a known step however fast or slow the machine: the test-only variable
-``HVAE_TEST_HOLD_AT_STEP=<step>[:<seconds>]`` makes the trainer wait at that step's boundary
-until a stop is requested (pipeline/stopping.py). The test waits for the trainer to say it is
+A signal must land at a known step however fast or slow the machine: the test-only settings
+``faults.hold_at_step=<step>`` (and ``faults.hold_seconds``) make the trainer wait at that
+step's boundary until a stop is requested (pipeline/stopping.py). The test waits for the trainer to say it is
 holding, then signals. One test signals without a hold, at whatever moment the run is in.
 """
 
@@ -32,7 +32,6 @@ from pipeline.progress import Progress, format_duration
 from pipeline.stopping import (
     EXIT_INTERRUPTED,
     EXIT_RESUMABLE,
-    HOLD_VARIABLE,
     SIGNAL_NAMES,
     STOPPED_FILE,
     TIME_LIMIT,
@@ -178,7 +177,10 @@ class Training:
 
     def __init__(self, command: list[str], log: Path, hold: str | None = None, env: dict | None = None) -> None:
         self.log = log
-        env = environment({**(env or {}), **({HOLD_VARIABLE: hold} if hold else {})})
+        env = environment(env or {})
+        if hold:  # "<step>[:<seconds>]"
+            step, _, seconds = hold.partition(":")
+            command = [*command, f"faults.hold_at_step={step}", f"faults.hold_seconds={seconds or 0}"]
         with open(log, "w") as out:
             self.process = subprocess.Popen(command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
                                             start_new_session=True)  # fmt: skip
