@@ -26,12 +26,14 @@ warm-up and free bits) with one thing changed, against ``preset``:
   budget-cosine       the cosine schedule decays over the time budget (by seconds trained, to
                       optim.min_lr_ratio) instead of over train.steps, which a short run never
                       reaches: what a user who knows their budget would set;
-  batch-x0.5, batch-x2  data.batch_size halved or doubled (the same lr);
+  batch-x0.5, batch-x0.25, batch-x2  data.batch_size halved, quartered or doubled (the same lr);
   wide                model.width x1.5 (rounded to a multiple of 8);
   deep                every block count of both block strings doubled.
 Every variant also keeps EMAs of its weights at three decays (0.99, 0.999, 0.9999, with the
 trainer's warm-up of the decay) and evaluates them at each point, so the EMA decay is compared
 on the same runs; only the update of the config's own decay is counted in the time.
+
+Variants compose: ``batch-x0.5+lr-x2`` applies both changes.
 
 ``--merge`` keeps the variants of an earlier convergence.json that this run does not redo.
 
@@ -90,12 +92,19 @@ VARIANTS: dict[str, Callable[[Config], list[str]]] = {
     "lr-x0.5": lambda cfg: [f"optim.lr={cfg.optim.lr / 2}"],
     "budget-cosine": lambda cfg: [],  # the schedule is the loop's (train_variant)
     "batch-x0.5": lambda cfg: [f"data.batch_size={cfg.data.batch_size // 2}"],
+    "batch-x0.25": lambda cfg: [f"data.batch_size={cfg.data.batch_size // 4}"],
     "batch-x2": lambda cfg: [f"data.batch_size={cfg.data.batch_size * 2}"],
     "wide": lambda cfg: [f"model.width={round(cfg.model.width * 1.5 / 8) * 8}"],
     "deep": lambda cfg: [f"model.encoder_blocks={deeper(cfg.model.encoder_blocks)}",
                          f"model.decoder_blocks={deeper(cfg.model.decoder_blocks)}"],  # fmt: skip
 }
 EMA_DECAYS = (0.99, 0.999, 0.9999)
+
+
+def overrides_of(variant: str, cfg: Config) -> list[str]:
+    """A variant's overrides; ``a+b`` applies both (e.g. ``batch-x0.5+lr-x2``), each relative to
+    the preset."""
+    return [override for part in variant.split("+") for override in VARIANTS[part](cfg)]
 
 
 def data_urls(config: str, directory: Path) -> tuple[str, str]:
@@ -148,7 +157,7 @@ def train_variant(cfg: Config, train_urls: str, heldout: list[torch.Tensor], bud
                   variant: str) -> dict:  # fmt: skip
     torch.manual_seed(cfg.train.seed)
     model = VAE(cfg.model)
-    if variant == "old-init":
+    if "old-init" in variant.split("+"):
         pytorch_default_biases(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2),
                                   weight_decay=cfg.optim.weight_decay)  # fmt: skip
@@ -156,7 +165,7 @@ def train_variant(cfg: Config, train_urls: str, heldout: list[torch.Tensor], bud
     # advance, so the cosine runs over the config's train.steps as in a real run (budget-cosine:
     # over the seconds of the budget).
     trained = 0.0
-    if variant == "budget-cosine":
+    if "budget-cosine" in variant.split("+"):
         factor = lambda step: budget_cosine(cfg, step, trained, budget)  # noqa: E731  (reads trained as it grows)
     else:
         factor = lambda step: lr_factor(cfg, step)  # noqa: E731
@@ -211,17 +220,19 @@ def plot(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     configs = list(results)
-    fig, axes = plt.subplots(len(configs), 2, figsize=(11, 4 * len(configs)), squeeze=False)
+    fig, axes = plt.subplots(len(configs), 2, figsize=(14, 4 * len(configs)), squeeze=False)
+    colours = plt.get_cmap("tab20").colors  # a colour per variant: more of them than the default 10
     for row, config in enumerate(configs):
-        for variant, result in results[config].items():
+        for number, (variant, result) in enumerate(results[config].items()):
             curve = result["curve"][1:]  # step 0 is off the scale of the rest
             for col, x in enumerate(("seconds", "images")):
-                axes[row][col].plot([p[x] for p in curve], [p["bpd"] for p in curve], marker=".", label=variant)
+                axes[row][col].plot([p[x] for p in curve], [p["bpd"] for p in curve], marker=".", label=variant,
+                                    color=colours[number % len(colours)])  # fmt: skip
                 axes[row][col].set_xlabel(f"training {x}")
                 axes[row][col].set_ylabel("held-out bits/dim")
                 axes[row][col].set_title(config)
                 axes[row][col].grid(alpha=0.3)
-        axes[row][0].legend()
+        axes[row][1].legend(loc="upper left", bbox_to_anchor=(1.02, 1), fontsize="small")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
 
@@ -255,7 +266,7 @@ def main() -> None:
                     break
             results.setdefault(config, {})
             for variant in args.variants.split(","):
-                cfg = load_config(REPO / "configs" / f"{config}.yaml", VARIANTS[variant](base))
+                cfg = load_config(REPO / "configs" / f"{config}.yaml", overrides_of(variant, base))
                 cfg = resolve_input_statistics(cfg, train_urls)
                 result = train_variant(cfg, train_urls, heldout, args.budget, args.eval_every, variant)
                 result["config"] = dataclasses.asdict(cfg.objective)
