@@ -42,7 +42,6 @@ REPEAT_WINDOW_S = 1.0  # a SIGINT within this of the first is the same one, deli
 TIME_LIMIT = 1000  # the request code of train.time_limit; a signal's code is its number (1..64)
 
 
-
 def reason(code: int) -> str:
     """A request code as words: ``SIGTERM``, ``train.time_limit``."""
     if code == TIME_LIMIT:

@@ -175,12 +175,12 @@ class Training:
     """A training command running in its own session (so that a signal to its process group
     reaches it and its children only), output to a file as under sbatch."""
 
-    def __init__(self, command: list[str], log: Path, hold: str | None = None, env: dict | None = None) -> None:
+    def __init__(self, command: list[str], log: Path, hold: int | None = None, hold_seconds: float = 0,
+                 env: dict | None = None) -> None:  # fmt: skip
         self.log = log
         env = environment(env or {})
-        if hold:  # "<step>[:<seconds>]"
-            step, _, seconds = hold.partition(":")
-            command = [*command, f"faults.hold_at_step={step}", f"faults.hold_seconds={seconds or 0}"]
+        if hold:
+            command = [*command, f"faults.hold_at_step={hold}", f"faults.hold_seconds={hold_seconds}"]
         with open(log, "w") as out:
             self.process = subprocess.Popen(command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
                                             start_new_session=True)  # fmt: skip
@@ -290,14 +290,14 @@ def test_one_process_stops_on_signals_and_resumes_exactly(tmp_path, data_cache):
         return launch_command(run_dir, *settings, data_cache=data_cache, plain_python=True)
 
     run_dir = tmp_path / "stopped"
-    first = Training(command(run_dir), tmp_path / "1.log", hold="2")
+    first = Training(command(run_dir), tmp_path / "1.log", hold=2)
     first.wait_for("test hold at step 2")
     os.killpg(first.process.pid, signal.SIGTERM)  # as SLURM or a terminal would: every process
     assert first.finish() == EXIT_RESUMABLE, first.output[-3000:]
     _assert_stopped(run_dir, 2, "SIGTERM", first.output)
     run_id = _run_id(run_dir)
 
-    second = Training(command(run_dir), tmp_path / "2.log", hold="4")
+    second = Training(command(run_dir), tmp_path / "2.log", hold=4)
     second.wait_for("test hold at step 4")
     assert _client(run_dir).get_run(run_id).info.status == "RUNNING"  # reopened by the resume
     assert not (run_dir / STOPPED_FILE).exists()
@@ -329,7 +329,7 @@ def test_two_processes_stop_together_and_resume_exactly(tmp_path, data_cache):
     command = launch_command(run_dir, *COMMON, f"train.steps={steps}", "data.batch_size=4", data_cache=data_cache,
                              accelerate_config="cpu_ddp", num_processes=2)  # fmt: skip
 
-    first = Training(command, tmp_path / "1.log", hold="1")
+    first = Training(command, tmp_path / "1.log", hold=1)
     first.wait_for("test hold at step 1")
     first.process.send_signal(signal.SIGTERM)
     # The launcher exits with 128 + the signal whatever its workers did; they exited 75 in time:
@@ -341,14 +341,14 @@ def test_two_processes_stop_together_and_resume_exactly(tmp_path, data_cache):
     run_id = _run_id(run_dir)
 
     usr1 = {"PET_SIGNALS_TO_HANDLE": "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"}  # torchrun's default + SIGUSR1
-    second = Training(command, tmp_path / "2.log", hold="2", env=usr1)
+    second = Training(command, tmp_path / "2.log", hold=2, env=usr1)
     second.wait_for("test hold at step 2")
     second.process.send_signal(signal.SIGUSR1)
     assert second.finish() == 128 + signal.SIGUSR1, second.output[-3000:]
     assert second.output.count("received SIGUSR1") == 2 and "forcefully exiting" not in second.output
     _assert_stopped(run_dir, 2, "SIGUSR1", second.output)
 
-    third = Training(command, tmp_path / "3.log", hold="3")
+    third = Training(command, tmp_path / "3.log", hold=3)
     third.wait_for("test hold at step 3")
     third.rank(1).send_signal(signal.SIGUSR1)
     # A rank's exit 75 is a failed worker to torchrun, and accelerate launch exits with 1; the
@@ -403,7 +403,7 @@ def test_a_second_ctrl_c_exits_at_once_without_a_checkpoint(tmp_path, data_cache
     run_dir = tmp_path / "run"
     # Held at step 2 for 120 s after the first SIGINT: only the second can end it sooner.
     run = Training(launch_command(run_dir, *COMMON, "train.steps=10", "tracking.enabled=false", data_cache=data_cache,
-                                  plain_python=True), tmp_path / "run.log", hold="2:120")  # fmt: skip
+                                  plain_python=True), tmp_path / "run.log", hold=2, hold_seconds=120)  # fmt: skip
     run.wait_for("test hold at step 2")
     run.process.send_signal(signal.SIGINT)
     run.wait_for("received SIGINT")
