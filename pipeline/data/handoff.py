@@ -9,9 +9,10 @@ a seventh of decoding one, and 8x that per image at batch 32.
 Here each worker owns a few slots in one shared segment, which it sends once. It writes
 consecutive batches into a slot until about ``MESSAGE_BYTES`` are there, then sends one
 message that names the slot and describes the batches. The training process copies each batch
-out (so the caller owns it; a copy costs ~0.1 ms per MB) and counts the slot as free in a
-counter both sides share. A batch over ``SLOT_MAX_BYTES`` travels the default way: its own
-message and segment, as the fixed cost is small next to such a batch and this saves a copy.
+out (so the caller owns it; a copy costs ~0.3 ms per MB, into memory the allocator reuses)
+and counts the slot as free in a counter both sides share. A batch over ``SLOT_MAX_BYTES``
+travels the default way: its own message and segment, as the fixed cost is small next to such
+a batch and this saves a copy.
 
 Torch has no hook on the training side, so the reading half runs in ``EpochIterator``; other
 users of the DataLoader get the default path.
@@ -27,10 +28,17 @@ from typing import Any
 
 import torch
 
-MESSAGE_BYTES = 1 << 20  # at ~0.1 ms per message, under 1% of decoding a megabyte of pixels
-# Above this, copying a batch out of its slot (into fresh pages, faulted in one by one) costs
-# about what its own segment would: the slots gain nothing, and hold more shared memory.
-SLOT_MAX_BYTES = 1 << 20
+# A message costs the training process ~0.5 ms of CPU (the DataLoader's queues and threads,
+# unpickling), which at 1 MB per message was a quarter of its share of the loader's work at
+# 64x64: 4 MB per message took the loader from 0.79-0.82x to 0.85-0.88x of the decode limit
+# (benchmarks/loader.py, 2026-12-03). A worker's slots then hold 4 x (4 MB + a batch).
+MESSAGE_BYTES = 4 << 20
+# Above this, a batch travels in its own segment, so that the slots never hold more than
+# about 4 x 2 x this per worker (the shared memory, /dev/shm, is small in containers). Below
+# it, the slot's copy costs less than the new segment, its file descriptor passed over a new
+# connection (a thread woken in the worker for each) and unmapped: at 128x128 (4 MB batches)
+# the loader went from 0.86x to 0.92-0.95x of the decode limit when they came through slots.
+SLOT_MAX_BYTES = 16 << 20
 # Slots per worker. The DataLoader delivers messages in the order it asked for them, and the
 # one it waits for next was asked of a worker with nothing older undelivered: that worker
 # always has a free slot, so waiting for one never deadlocks.
