@@ -256,10 +256,14 @@ class TrainConfig:
     """Optimizer steps to train in total (a resumed run stops at the same total)."""
     seed: int = 0
     """Seed of parameter init and of the sampling noise (offset by rank)."""
-    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
-    """Autocast precision; ``no`` is float32 (the default). On a CPU with AMX (e.g. Sapphire
-    Rapids) ``bf16`` made the step 1.15x to 1.44x faster than eager float32, not steadily more
-    than the float32 defaults (``benchmarks/README.md``); without AMX or AVX512-BF16 it is slower."""
+    mixed_precision: Literal["no", "fp16", "bf16", "auto"] = "no"
+    """Autocast precision; ``no`` is float32 (the default). ``auto`` becomes, as the config is
+    loaded, what measured fastest on this kind of machine (``benchmarks/README.md``): ``bf16`` on
+    a CPU with AMX (Sapphire Rapids and later), where the CIFAR-10 preset's step ran 1.97x eager
+    float32 (1.25x at width 64; the small presets' within noise of float32); ``no`` elsewhere:
+    without AMX, bf16 is emulated and slower, and on the one GPU measured (an H200) the CIFAR-10
+    and ImageNet-64 presets ran 0.61x and 0.83x in bf16 at their batch sizes (the step is bound
+    by kernel launches there). The run uses and logs the resolved value."""
     grad_accum_steps: int = 1
     """Micro-batches accumulated per optimizer step (the global batch is data.batch_size x this
     x processes; DeepSpeed's gradient_accumulation_steps is derived from it)."""
@@ -324,6 +328,10 @@ class TrainConfig:
     """``torch.compile``'s mode; ``reduce-overhead`` replays CUDA graphs on a GPU."""
 
     def __post_init__(self) -> None:
+        if self.mixed_precision == "auto":
+            from pipeline.speed import fastest_precision  # imports torch: only when asked
+
+            self.mixed_precision = fastest_precision()
         if self.compile == "none" and self.compile_mode != "default":
             raise ConfigError(f"train.compile_mode={self.compile_mode!r} needs train.compile=cells or model")
         if not self.run_dir.strip():

@@ -1,9 +1,12 @@
-"""How the training step runs fast: the weights' memory layout, compilation, AdamW's kernels.
+"""How the training step runs fast: the weights' memory layout, compilation, AdamW's kernels,
+and which autocast precision ``train.mixed_precision=auto`` picks.
 
-These knobs change how the step is computed, not what: the loss and the weights after a step
-match the plain eager float32 step within the tolerances tests/test_speed_options.py checks
-(bitwise for the AdamW implementations, float32 rounding for the memory layout and compilation).
-benchmarks/train_step.py measures what each one is worth; benchmarks/README.md has the numbers.
+The layout, compilation and AdamW's kernels change how the step is computed, not what: the
+loss and the weights after a step match the plain eager float32 step within the tolerances
+tests/test_speed_options.py checks (bitwise for the AdamW implementations, float32 rounding for
+the memory layout and compilation). bf16 autocast changes the arithmetic of the convolutions;
+the same tests bound how far its losses move. benchmarks/train_step.py measures what each one
+is worth; benchmarks/README.md has the numbers.
 """
 
 from __future__ import annotations
@@ -17,6 +20,15 @@ from pipeline.config import OptimConfig, TrainConfig
 from pipeline.model.blocks import ResidualBlock
 
 log = logging.getLogger(__name__)
+
+
+def fastest_precision() -> str:
+    """What ``train.mixed_precision=auto`` becomes here (TrainConfig says what it rests on): bf16
+    on a CPU-only machine whose cores have AMX tiles, else float32."""
+    if torch.accelerator.is_available():
+        return "no"
+    has_amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)  # private: may go away
+    return "bf16" if has_amx() else "no"
 
 
 def prepare_model(model: nn.Module, train: TrainConfig, deepspeed: bool = False) -> nn.Module:
