@@ -422,7 +422,9 @@ class FaultsConfig:
     hold_at_step: int = 0
     """At this step's boundary the trainer waits (every rank, at most 300 s) until a stop is
     requested, then ``hold_seconds`` more, and says so on stderr first: a test's signal then
-    lands at a known step however fast or slow the machine (tests/test_signals.py). 0: never."""
+    lands at a known step however fast or slow the machine (tests/test_signals.py). Only a
+    start that trained up to the step holds there: one that resumes at it goes on, so a
+    requeued job with the same command does not wait again. 0: never."""
     hold_seconds: float = 0.0
     """How long the hold goes on after the stop request (a second Ctrl-C's window)."""
 

@@ -123,7 +123,7 @@ class StopRequests:
         if self._first_step is None:
             self._first_step = step
         self.stepped = step > self._first_step
-        if self._hold is not None and step == self._hold[0]:
+        if self._hold is not None and step == self._hold[0] and self.stepped:
             self._wait_for_a_request(accelerator, step)
         return self.agree(accelerator, self.local_code())
 
@@ -166,6 +166,29 @@ def ignore_stop_signals() -> None:
     for number in numbers:
         signal.signal(number, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, numbers)
+
+
+def exit_with_parent() -> None:
+    """In a data-loading worker: die when the training process dies, whatever the worker is doing.
+    Torch's workers notice a dead parent only between tasks, and then wait at exit for their
+    result queue's feeder thread, which stays blocked on a full pipe while the other workers
+    still hold its reading end: killed with SIGKILL, a trainer could leave its workers behind.
+    Linux's parent-death signal ends them with it (the parent being the thread that forked
+    them, the training process's main thread here); elsewhere nothing is done."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        parent = os.getppid()
+        if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+            return
+    except (OSError, AttributeError):  # not Linux
+        return
+    if os.getppid() != parent or parent == 1:  # the parent died before the signal was asked for
+        os._exit(0)
+
+
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 @contextmanager

@@ -118,6 +118,52 @@ def test_the_time_limit_waits_for_a_step_and_is_rank_0s():
     assert other_rank.should_stop(OneProcess(), 6) == 0  # its answer comes from rank 0 through agree()
 
 
+def test_the_test_hold_waits_where_this_start_trained_to_not_where_it_resumed():
+    """faults.hold_at_step in a requeued job: the same command resumes at the hold's step and
+    must go on, not wait 300 s for a signal that came to the start before."""
+    resumed = StopRequests([], hold=(3, 0.0))
+    started = time.monotonic()
+    assert resumed.should_stop(OneProcess(), 3) == 0  # resumed at step 3: no hold
+    assert time.monotonic() - started < 1
+    fresh = StopRequests([], hold=(3, 0.0))
+    assert fresh.should_stop(OneProcess(), 0) == 0
+    fresh.code = signal.SIGUSR1  # the request the hold waits for, already there
+    assert fresh.should_stop(OneProcess(), 3) == signal.SIGUSR1
+
+
+def test_a_worker_dies_with_its_training_process_even_when_it_is_busy():
+    """A trainer killed with SIGKILL must not leave its loader workers behind: torch's notice only
+    between tasks, and then wait at exit on their result queue (pipeline.stopping.exit_with_parent)."""
+    script = (
+        "import multiprocessing, sys, time\n"
+        f"sys.path.insert(0, {str(REPO)!r})\n"
+        "from pipeline.stopping import exit_with_parent\n"
+        "def busy():\n"
+        "    exit_with_parent()\n"
+        "    time.sleep(120)  # a worker that would not look at its parent for a long while\n"
+        "worker = multiprocessing.get_context('fork').Process(target=busy)\n"
+        "worker.start()\n"
+        "print(worker.pid, flush=True)\n"
+        "time.sleep(120)\n"
+    )
+    trainer = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    worker = psutil.Process(int(trainer.stdout.readline()))
+    time.sleep(0.5)  # the worker has asked for the parent-death signal
+    trainer.kill()
+    trainer.wait()
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        try:
+            if worker.status() == psutil.STATUS_ZOMBIE:
+                break
+        except psutil.NoSuchProcess:
+            break
+        time.sleep(0.05)
+    else:
+        worker.kill()
+        pytest.fail("the worker outlived its training process by 5 s")
+
+
 def test_a_second_sigint_exits_at_once_but_a_repeat_within_a_second_does_not():
     script = (
         "import os, signal, sys, time\n"

@@ -33,12 +33,12 @@ SBATCH_OPTIONS = ("--gres=none", "--cpus-per-task=1", "--time=10")
 
 
 def _submit(cluster, directory: Path, data_cache: Path, *, env: dict | None = None, accelerate_config="cpu_ddp_nodes",
-            options=SBATCH_OPTIONS):  # fmt: skip
+            options=SBATCH_OPTIONS, extra: tuple[str, ...] = ()):  # fmt: skip
     """``RUN_DIR=... sbatch slurm/train.sbatch configs/accelerate/<config>.yaml configs/quickstart.yaml ...``
     from the repository root, with the tests' tiny model; returns (job id, run dir, log dir)."""
     run_dir, log_dir = directory / "run", directory / "logs"
     log_dir.mkdir(parents=True)
-    command = launch_command(run_dir, *TRAINING, data_cache=data_cache, plain_python=True)
+    command = launch_command(run_dir, *TRAINING, *extra, data_cache=data_cache, plain_python=True)
     training = command[command.index("--config") + 1 :]
     job = cluster.submit(*options, f"--output={log_dir}/%x-%j.out", "slurm/train.sbatch",
                          f"configs/accelerate/{accelerate_config}.yaml", *training, cwd=REPO,
@@ -102,7 +102,9 @@ def _logged_steps(run_dir: Path) -> int:
 def test_the_warning_signal_checkpoints_requeues_and_resumes_exactly(slurm_cluster, uninterrupted, data_cache,
                                                                      tmp_path):  # fmt: skip
     reference = uninterrupted[1]
-    job, run_dir, log_dir = _submit(slurm_cluster, tmp_path, data_cache)
+    # The run waits at step 3 for the signal: 16 tiny steps can all be done before scancel's
+    # signal lands. The requeued start resumes at step 3 and does not wait there again.
+    job, run_dir, log_dir = _submit(slurm_cluster, tmp_path, data_cache, extra=("faults.hold_at_step=3",))
     deadline = time.monotonic() + 240
     while _logged_steps(run_dir) < 3:
         assert time.monotonic() < deadline and slurm_cluster.job(job)["JobState"] in ("PENDING", "RUNNING"), \

@@ -63,7 +63,7 @@ from pipeline.data.streams import (
     read_shard,
 )
 from pipeline.data.urls import resolve_shards
-from pipeline.stopping import ignore_stop_signals, stop_signals_blocked
+from pipeline.stopping import exit_with_parent, ignore_stop_signals, stop_signals_blocked
 
 log = logging.getLogger(__name__)
 
@@ -217,6 +217,7 @@ class ShardDataset(IterableDataset):
             # that whole heap. Costs nothing: the lists are spliced, no object is touched.
             gc.freeze()
             ignore_stop_signals()  # the training process decides when to stop (pipeline/stopping.py)
+            exit_with_parent()
         self._writer = SlotWriter(self.released, worker) if in_worker and self.released is not None else None
         start = batches_taken(self.batches_per_worker(self.epoch), self.batches_taken)[worker]
         if self.mode == "epoch":
