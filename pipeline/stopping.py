@@ -171,8 +171,10 @@ def ignore_stop_signals() -> None:
 def exit_with_parent() -> None:
     """In a data-loading worker: die when the training process dies, whatever the worker is doing.
     Torch's workers notice a dead parent only between tasks, and then wait at exit for their
-    result queue's feeder thread, which stays blocked on a full pipe while the other workers
-    still hold its reading end: killed with SIGKILL, a trainer could leave its workers behind.
+    result queue's feeder thread, blocked for good once unread messages fill the pipe (two
+    4 MB messages of small batches carry ~90 KB of keys and counts; the pipe holds 64 KB, and
+    every worker, itself included, keeps its reading end open): killed with SIGKILL, a trainer
+    left its workers behind.
     Linux's parent-death signal ends them with it (the parent being the thread that forked
     them, the training process's main thread here); elsewhere nothing is done."""
     try:
