@@ -168,25 +168,24 @@ def ignore_stop_signals() -> None:
     signal.pthread_sigmask(signal.SIG_UNBLOCK, numbers)
 
 
-def exit_with_parent() -> None:
-    """In a data-loading worker: die when the training process dies, whatever the worker is doing.
-    Torch's workers notice a dead parent only between tasks, and then wait at exit for their
-    result queue's feeder thread, blocked for good once unread messages fill the pipe (two
-    4 MB messages of small batches carry ~90 KB of keys and counts; the pipe holds 64 KB, and
-    every worker, itself included, keeps its reading end open): killed with SIGKILL, a trainer
-    left its workers behind.
-    Linux's parent-death signal ends them with it (the parent being the thread that forked
-    them, the training process's main thread here); elsewhere nothing is done."""
+def exit_with_parent(parent: int) -> None:
+    """In a data-loading worker forked by process ``parent``: die when it dies, whatever the
+    worker is doing. Torch's workers notice a dead parent only between tasks, and then wait at
+    exit for their result queue's feeder thread, blocked for good once unread messages fill the
+    pipe (two 4 MB messages of small batches carry ~90 KB of keys and counts; the pipe holds
+    64 KB, and every worker, itself included, keeps its reading end open): killed with SIGKILL,
+    a trainer left its workers behind. Linux's parent-death signal ends them with it (the
+    parent being the thread that forked them, the training process's main thread here);
+    elsewhere nothing is done."""
     try:
         import ctypes
 
         libc = ctypes.CDLL(None, use_errno=True)
-        parent = os.getppid()
         if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
             return
     except (OSError, AttributeError):  # not Linux
         return
-    if os.getppid() != parent or parent == 1:  # the parent died before the signal was asked for
+    if os.getppid() != parent:  # it died before the signal was asked for
         os._exit(0)
 
 

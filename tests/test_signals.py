@@ -135,13 +135,13 @@ def test_a_worker_dies_with_its_training_process_even_when_it_is_busy():
     """A trainer killed with SIGKILL must not leave its loader workers behind: torch's notice only
     between tasks, and then wait at exit on their result queue (pipeline.stopping.exit_with_parent)."""
     script = (
-        "import multiprocessing, sys, time\n"
+        "import multiprocessing, os, sys, time\n"
         f"sys.path.insert(0, {str(REPO)!r})\n"
         "from pipeline.stopping import exit_with_parent\n"
-        "def busy():\n"
-        "    exit_with_parent()\n"
+        "def busy(parent):\n"
+        "    exit_with_parent(parent)\n"
         "    time.sleep(120)  # a worker that would not look at its parent for a long while\n"
-        "worker = multiprocessing.get_context('fork').Process(target=busy)\n"
+        "worker = multiprocessing.get_context('fork').Process(target=busy, args=(os.getpid(),))\n"
         "worker.start()\n"
         "print(worker.pid, flush=True)\n"
         "time.sleep(120)\n"

@@ -149,6 +149,7 @@ class ShardDataset(IterableDataset):
         self.remaining: np.ndarray | None = None  # what ``earlier`` left of the epoch
         self.released: torch.Tensor | None = None  # set by EpochIterator: batches go through slots
         self._writer: SlotWriter | None = None
+        self._parent = os.getpid()  # the process whose DataLoader forks the workers
         if mode == "resampled":
             total = sum(s.samples or 0 for s in shards)
             if epoch_batches == 0 and any(s.samples is None for s in shards):
@@ -217,7 +218,7 @@ class ShardDataset(IterableDataset):
             # that whole heap. Costs nothing: the lists are spliced, no object is touched.
             gc.freeze()
             ignore_stop_signals()  # the training process decides when to stop (pipeline/stopping.py)
-            exit_with_parent()
+            exit_with_parent(self._parent)
         self._writer = SlotWriter(self.released, worker) if in_worker and self.released is not None else None
         start = batches_taken(self.batches_per_worker(self.epoch), self.batches_taken)[worker]
         if self.mode == "epoch":
