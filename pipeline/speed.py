@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from pipeline.config import OptimConfig, TrainConfig
+from pipeline.distributed import has_accelerator
 from pipeline.model.blocks import ResidualBlock
 
 log = logging.getLogger(__name__)
@@ -25,7 +26,7 @@ log = logging.getLogger(__name__)
 def fastest_precision() -> str:
     """What ``train.mixed_precision=auto`` becomes here (TrainConfig says what it rests on): bf16
     on a CPU-only machine whose cores have AMX tiles, else float32."""
-    if torch.accelerator.is_available():
+    if has_accelerator():
         return "no"
     has_amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)  # private: may go away
     return "bf16" if has_amx() else "no"

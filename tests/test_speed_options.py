@@ -13,7 +13,6 @@ update the other way where a gradient near zero changed sign.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import os
 
@@ -41,12 +40,12 @@ def train_steps(*overrides: str, steps: int = 3) -> tuple[list[float], dict[str,
     optimizer = make_optimizer(model.parameters(), cfg.optim)
     size = (4, 3, cfg.model.resolution, cfg.model.resolution)
     images = torch.randint(0, 256, size, dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
-    # Autocast around the forward only, as Accelerate does: the backward follows its dtypes.
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if cfg.train.mixed_precision == "bf16" else None
+    bf16 = cfg.train.mixed_precision == "bf16"
     losses = []
     for step in range(steps):
         torch.manual_seed(100 + step)  # the posterior noise
-        with autocast or contextlib.nullcontext():
+        # Autocast around the forward only, as Accelerate does: the backward follows its dtypes.
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             out = model(images)
         out["loss"].backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
